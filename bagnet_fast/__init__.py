@@ -1,0 +1,28 @@
+"""bagnet_fast: BagNets (Brendel & Bethge, ICLR 2019) that compute the same function, faster.
+
+Drop-in: ``from bagnet_fast import bagnet33`` instead of ``from bagnets.pytorchnet import
+bagnet33`` gives the same modules, state_dict and outputs; in eval mode without autograd the
+forward runs a fused inference plan (C++/oneDNN on CPU, Triton/CUDA on GPUs).
+"""
+
+from .accelerate import accelerate, bagnet_from_state_dict
+from .executors import backends
+from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
+from .plan import build_plan, get_plan, receptive_field
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BagNet",
+    "Bottleneck",
+    "PATCH_SIZES",
+    "accelerate",
+    "backends",
+    "bagnet9",
+    "bagnet17",
+    "bagnet33",
+    "bagnet_from_state_dict",
+    "build_plan",
+    "get_plan",
+    "receptive_field",
+]

@@ -1,0 +1,40 @@
+"""Command line: ``python -m bagnet_fast {bench,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bagnet_fast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    from . import bench
+
+    bench.add_arguments(commands.add_parser("bench", help="images/s: reference vs fast vs ResNet-50"))
+    commands.add_parser("info", help="versions and which backends can run here")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
+    return _info()
+
+
+def _info() -> int:
+    import torch
+
+    import bagnet_fast
+    from bagnet_fast import _extension
+
+    print(f"bagnet_fast {bagnet_fast.__version__}, torch {torch.__version__}")
+    print(f"extension: {'loaded' if _extension.loaded() else 'missing: ' + str(_extension.load_error())}"
+          f"{', with CUDA' if _extension.with_cuda() else ''}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for name, entry in bagnet_fast.backends(device).items():
+            print(f"  {device:5s} {name:7s} {'yes' if entry['available'] else 'no ':4s} {entry['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

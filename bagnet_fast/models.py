@@ -1,0 +1,219 @@
+"""BagNet models with the reference architecture (Brendel & Bethge, ICLR 2019).
+
+The modules, parameter names and shapes match the authors' ``bagnets.pytorchnet`` exactly, so
+their checkpoints load with ``strict=True``. The plain forward is the reference computation
+(the oracle of every test). In eval mode without autograd the forward runs the fused inference
+plan of :mod:`bagnet_fast.plan` instead; it computes the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import weights as _weights
+
+__all__ = ["BagNet", "Bottleneck", "bagnet9", "bagnet17", "bagnet33", "PATCH_SIZES"]
+
+# kernel3 per stage for each builder: how many leading blocks of a stage use a 3x3 conv2.
+_KERNEL3 = {
+    "bagnet9": (1, 1, 0, 0),
+    "bagnet17": (1, 1, 1, 0),
+    "bagnet33": (1, 1, 1, 1),
+}
+PATCH_SIZES = {"bagnet9": 9, "bagnet17": 17, "bagnet33": 33}
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with *valid* (unpadded) convolutions.
+
+    The residual branch is cropped to the top-left of the (smaller) main branch output.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        kernel_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(
+            planes, planes, kernel_size=kernel_size, stride=stride, padding=0, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        # The reference crops with the last dimension only (square maps); cropping both
+        # dimensions is the same for square inputs and correct for the others.
+        height, width = out.shape[-2:]
+        if residual.shape[-2] != height or residual.shape[-1] != width:
+            residual = residual[:, :, :height, :width]
+        return self.relu(out + residual)
+
+
+class BagNet(nn.Module):
+    """A BagNet: ResNet-50-like, receptive field capped at ``patch_size`` pixels."""
+
+    def __init__(
+        self,
+        block: type = Bottleneck,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        strides: Sequence[int] = (1, 2, 2, 2),
+        kernel3: Sequence[int] = (0, 0, 0, 0),
+        num_classes: int = 1000,
+        avg_pool: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 4 or len(strides) != 4 or len(kernel3) != 4:
+            raise ValueError("layers, strides and kernel3 must each have 4 entries (one per stage)")
+        self.inplanes = 64
+        self.avg_pool = avg_pool
+        self.block = block
+        self.kernel3 = tuple(int(k) for k in kernel3)
+        self.strides = tuple(int(s) for s in strides)
+        # Stem: 1x1 then 3x3 valid conv with nothing in between (merged into one conv by the plan).
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=1, stride=1, padding=0, bias=False)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=0, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, momentum=0.001)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, 64, layers[0], strides[0], kernel3[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], strides[1], kernel3[1])
+        self.layer3 = self._make_layer(block, 256, layers[2], strides[2], kernel3[2])
+        self.layer4 = self._make_layer(block, 512, layers[3], strides[3], kernel3[3])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self._inference_plan: Any = None
+        self.backend: Optional[str] = None  # None: the fastest correct backend available
+
+    def _make_layer(
+        self, block: type, planes: int, blocks: int, stride: int, kernel3: int
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, kernel_size=3 if kernel3 > 0 else 1)]
+        self.inplanes = planes * block.expansion
+        for i in range(1, blocks):
+            layers.append(block(self.inplanes, planes, kernel_size=3 if kernel3 > i else 1))
+        return nn.Sequential(*layers)
+
+    @property
+    def patch_size(self) -> int:
+        """Receptive field q of one output position (9, 17 or 33 for the shipped builders)."""
+        from .plan import receptive_field
+
+        return receptive_field(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference feature map (N, 2048, H', W'), before the head."""
+        x = self.relu(self.bn1(self.conv2(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation, always in plain PyTorch (used for training and as oracle)."""
+        x = self.features(x)
+        if self.avg_pool:
+            # Mean over H and W; the reference's AvgPool2d(H) is the same for square maps.
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(x.permute(0, 2, 3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .plan import check_input, check_model_input_match, get_plan, uses_inference_plan
+
+        check_input(x, self.patch_size)
+        check_model_input_match(self, x)
+        if uses_inference_plan(self, x):
+            return get_plan(self).run(x, avg_pool=self.avg_pool)
+        return self.reference_forward(x)
+
+    def __getstate__(self):
+        # The plan is derived data (and holds oneDNN tensors that do not pickle): rebuild it.
+        state = self.__dict__.copy()
+        state["_inference_plan"] = None
+        return state
+
+
+def _bagnet(
+    name: str,
+    pretrained: bool,
+    strides: Sequence[int],
+    weights: Optional[str],
+    progress: bool,
+    **kwargs: Any,
+) -> BagNet:
+    model = BagNet(Bottleneck, (3, 4, 6, 3), strides=strides, kernel3=_KERNEL3[name], **kwargs)
+    if pretrained and weights is not None:
+        raise ValueError("pass either pretrained=True or weights=PATH, not both")
+    if pretrained:
+        model.load_state_dict(_weights.load_pretrained(name, progress=progress))
+    elif weights is not None:
+        model.load_state_dict(_weights.load_checkpoint(weights))
+    return model
+
+
+def bagnet9(
+    pretrained: bool = False,
+    strides: Sequence[int] = (2, 2, 2, 1),
+    *,
+    weights: Optional[str] = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> BagNet:
+    """BagNet-9 (patch size 9). ``pretrained`` loads the authors' ImageNet weights;
+    ``weights`` loads a local checkpoint file. kwargs: ``num_classes``, ``avg_pool``."""
+    return _bagnet("bagnet9", pretrained, strides, weights, progress, **kwargs)
+
+
+def bagnet17(
+    pretrained: bool = False,
+    strides: Sequence[int] = (2, 2, 2, 1),
+    *,
+    weights: Optional[str] = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> BagNet:
+    """BagNet-17 (patch size 17). See :func:`bagnet9` for the arguments."""
+    return _bagnet("bagnet17", pretrained, strides, weights, progress, **kwargs)
+
+
+def bagnet33(
+    pretrained: bool = False,
+    strides: Sequence[int] = (2, 2, 2, 1),
+    *,
+    weights: Optional[str] = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> BagNet:
+    """BagNet-33 (patch size 33). See :func:`bagnet9` for the arguments."""
+    return _bagnet("bagnet33", pretrained, strides, weights, progress, **kwargs)

@@ -1,0 +1,83 @@
+"""Pure-PyTorch reference of every fused unit: the oracle of the op tests and the ``torch``
+backend (any device, any floating dtype).
+
+Layout convention of the inference plan: activations are logical (N, C, H, W) tensors in
+channels-last memory (the bytes of an NHWC array), so every backend sees the same tensors.
+Weights are folded (BatchNorm inside) and carry a bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "conv_bias_act",
+    "pointwise_bottleneck",
+    "spatial_mean_linear",
+    "patch_logits",
+    "crop_top_left",
+]
+
+
+def crop_top_left(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """x[:, :, :height, :width] (a view); the residual crop of a BagNet block."""
+    if x.shape[-2] == height and x.shape[-1] == width:
+        return x
+    return x[:, :, :height, :width]
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int = 1,
+    relu: bool = True,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """act(conv_valid(x, weight, stride) + bias [+ residual cropped top-left]).
+
+    x: (N, Cin, H, W); weight: (Cout, Cin, k, k); residual: (N, Cout, >=Ho, >=Wo).
+    """
+    y = F.conv2d(x, weight, bias, stride=stride)
+    if residual is not None:
+        y = y + crop_top_left(residual, y.shape[-2], y.shape[-1])
+    return torch.relu(y) if relu else y
+
+
+def pointwise_bottleneck(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+) -> torch.Tensor:
+    """A whole 1x1-only bottleneck, per pixel: relu(W3·relu(W2·relu(W1·x + b1) + b2) + b3 + x).
+
+    x: (N, C, H, W); 1x1 conv weights w1: (p, C, 1, 1), w2: (p, p, 1, 1), w3: (C, p, 1, 1).
+    """
+    t = conv_bias_act(x, w1, b1)
+    t = conv_bias_act(t, w2, b2)
+    return conv_bias_act(t, w3, b3, residual=x)
+
+
+def spatial_mean_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The BagNet head with avg_pool=True: linear(mean over H and W). (N, C, H, W) -> (N, K)."""
+    return F.linear(x.mean(dim=(2, 3)), weight, bias)
+
+
+def patch_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    classes: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Per-patch logits (N, H, W, K) (avg_pool=False), optionally for ``classes`` only."""
+    if classes is not None:
+        index = torch.as_tensor(classes, device=weight.device, dtype=torch.long)
+        weight, bias = weight.index_select(0, index), bias.index_select(0, index)
+    return F.linear(x.permute(0, 2, 3, 1), weight, bias)

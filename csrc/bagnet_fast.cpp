@@ -1,0 +1,38 @@
+// Operator schemas of the bagnet_fast library and the Python module that loads them.
+//
+// The schemas are defined once here; csrc/cpu and csrc/cuda register implementations for their
+// dispatch keys, and bagnet_fast/ops registers the fake (meta) kernels in Python.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(bagnet_fast, m) {
+  // A whole 1x1-only bottleneck per pixel (x: (N, C, H, W) channels-last; 1x1 conv weights
+  // w1 (p, C, 1, 1), w2 (p, p, 1, 1), w3 (C, p, 1, 1)): relu(W3 relu(W2 relu(W1 x + b1) + b2) + b3 + x).
+  m.def(
+      "pointwise_bottleneck(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, "
+      "Tensor b3) -> Tensor");
+  // The same, writing the result into x (the inference plan owns its activations).
+  m.def(
+      "pointwise_bottleneck_(Tensor(a!) x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor w3, Tensor b3) -> ()");
+  // act(y + bias + residual[:, :, :H, :W]) for y (N, C, H, W) and residual (N, C, >=H, >=W).
+  m.def("bias_residual_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // The avg_pool=True head: linear(mean of x over H and W): (N, C, H, W) -> (N, K).
+  m.def("spatial_mean_linear(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+}
+
+// `import bagnet_fast._C` loads this library, which registers the operators above.
+static struct PyModuleDef bagnet_fast_module = {
+    PyModuleDef_HEAD_INIT, "_C", "bagnet_fast operators (registered as torch.ops.bagnet_fast)", -1,
+    nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&bagnet_fast_module);
+  if (module == nullptr) return nullptr;
+#ifdef BAGNET_FAST_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}

@@ -1,0 +1,217 @@
+"""The drop-in models: architecture, state_dict, geometry, parity, training, plan caching."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import bagnet_fast
+from bagnet_fast import PATCH_SIZES
+from conftest import FP32_RTOL, VARIANTS, make_model, rel_err
+
+# BAGNET_SPEC.md: parameters of each builder with 1000 classes.
+PARAMETER_COUNTS = {"bagnet9": 15_688_744, "bagnet17": 16_213_032, "bagnet33": 18_310_184}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_matches_reference_layout(name):
+    model = getattr(bagnet_fast, name)()
+    state = model.state_dict()
+    assert len(state) == 321
+    assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name]
+    assert state["conv1.weight"].shape == (64, 3, 1, 1)
+    assert state["conv2.weight"].shape == (64, 64, 3, 3)
+    assert model.bn1.momentum == 0.001
+    assert state["layer4.0.downsample.0.weight"].shape == (2048, 1024, 1, 1)
+    assert state["fc.weight"].shape == (1000, 2048)
+    for stage in range(1, 5):
+        assert f"layer{stage}.0.downsample.1.running_var" in state
+        assert f"layer{stage}.1.downsample.0.weight" not in state
+    assert model.patch_size == PATCH_SIZES[name]
+
+
+def test_kernel_sizes_follow_kernel3():
+    expected = {"bagnet9": (3, 3, 1, 1), "bagnet17": (3, 3, 3, 1), "bagnet33": (3, 3, 3, 3)}
+    for name, kernels in expected.items():
+        model = getattr(bagnet_fast, name)()
+        for stage, kernel in zip((model.layer1, model.layer2, model.layer3, model.layer4), kernels):
+            assert stage[0].conv2.kernel_size == (kernel, kernel)
+            assert all(block.conv2.kernel_size == (1, 1) for block in stage[1:])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_output_geometry(name, models):
+    """H' = floor((S - q) / 8) + 1 (BAGNET_SPEC.md), per dimension."""
+    model = copy.deepcopy(models[name])
+    model.avg_pool = False
+    q = PATCH_SIZES[name]
+    for size in list(range(q, q + 20, 3)) + [64, 97]:
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, size, q + 8))
+        assert out.shape == (1, (size - q) // 8 + 1, 2, 1000)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_forward_matches_reference(name, batch, models):
+    model = models[name]
+    q = PATCH_SIZES[name]
+    for height, width in [(q, q), (q + 7, q + 7), (64, 64), (97, 97), (64, 97), (q, 80)]:
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model.reference_forward(x)
+            actual = model(x)
+        assert actual.shape == (batch, 1000)
+        assert rel_err(actual, expected) <= FP32_RTOL, (height, width)
+    assert bagnet_fast.get_plan(model).backend.name == "cpu"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fast_forward_matches_reference_224(name, models):
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = models[name].reference_forward(x)
+        actual = models[name](x)
+    assert rel_err(actual, expected) <= FP32_RTOL
+
+
+def test_patch_logits_match_reference():
+    model = make_model("bagnet17", avg_pool=False)
+    x = torch.randn(2, 3, 57, 41)
+    with torch.no_grad():
+        expected = model.reference_forward(x)
+        actual = model(x)
+    assert actual.shape == expected.shape == (2, 6, 4, 1000)
+    assert rel_err(actual, expected) <= FP32_RTOL
+    # the image logits are the mean of the patch logits (the head is linear)
+    model.avg_pool = True
+    with torch.no_grad():
+        pooled = model(x)
+    assert rel_err(pooled, expected.mean(dim=(1, 2))) <= FP32_RTOL
+
+
+def test_torch_backend_matches_reference():
+    model = make_model("bagnet33")
+    model.backend = "torch"
+    x = torch.randn(2, 3, 50, 61)
+    with torch.no_grad():
+        assert rel_err(model(x), model.reference_forward(x)) <= FP32_RTOL
+    assert bagnet_fast.get_plan(model).backend.name == "torch"
+
+
+def test_float64_uses_torch_backend_exactly():
+    model = make_model("bagnet9").double()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="pure-PyTorch backend"), torch.no_grad():
+        actual = model(x)
+    with torch.no_grad():
+        assert rel_err(actual, model.reference_forward(x)) <= 1e-12
+
+
+def test_train_mode_is_plain_pytorch_with_gradients():
+    model = make_model("bagnet9").train()
+    x = torch.randn(2, 3, 33, 33)
+    out = model(x)
+    assert out.requires_grad
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.reference_forward(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(grads[n], p.grad), n
+    assert model._inference_plan is None  # the plan was never built
+
+
+def test_eval_with_autograd_takes_reference_path():
+    """Saliency: an input that requires grad must get gradients, not a plan output."""
+    model = make_model("bagnet9")
+    x = torch.randn(1, 3, 33, 33, requires_grad=True)
+    model(x)[0, 3].backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _fast(model, x):
+    with torch.no_grad():
+        return model(x), model.reference_forward(x)
+
+
+def test_plan_rebuilt_after_load_state_dict():
+    model = make_model("bagnet9", seed=0)
+    x = torch.randn(1, 3, 40, 40)
+    first, _ = _fast(model, x)
+    model.load_state_dict(make_model("bagnet9", seed=1).state_dict())
+    actual, expected = _fast(model, x)
+    assert rel_err(actual, expected) <= FP32_RTOL
+    assert rel_err(actual, first) > 1e-2
+
+
+def test_plan_rebuilt_after_optimizer_step():
+    model = make_model("bagnet9")
+    x = torch.randn(2, 3, 33, 33)
+    _fast(model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).logsumexp(1).sum().backward()
+    optimizer.step()  # in place: only the version counters change
+    model.eval()
+    actual, expected = _fast(model, x)
+    assert rel_err(actual, expected) <= FP32_RTOL
+
+
+def test_plan_rebuilt_after_batchnorm_statistics_update():
+    model = make_model("bagnet9")
+    x = torch.randn(2, 3, 33, 33)
+    _fast(model, x)
+    model.train()
+    with torch.no_grad():
+        model(x * 3 + 1)  # updates running_mean/var in place
+    model.eval()
+    actual, expected = _fast(model, x)
+    assert rel_err(actual, expected) <= FP32_RTOL
+
+
+def test_plan_rebuilt_after_dtype_change():
+    model = make_model("bagnet9")
+    x = torch.randn(1, 3, 33, 33)
+    _fast(model, x)
+    model.double()
+    actual, expected = _fast(model, x.double())
+    assert actual.dtype == torch.float64
+    assert rel_err(actual, expected) <= 1e-12
+
+
+def test_plan_is_cached_while_weights_unchanged():
+    model = make_model("bagnet9")
+    x = torch.randn(1, 3, 33, 33)
+    _fast(model, x)
+    plan = bagnet_fast.get_plan(model)
+    _fast(model, x)
+    assert bagnet_fast.get_plan(model) is plan
+
+
+def test_model_pickles_and_deepcopies_after_plan():
+    model = make_model("bagnet9")
+    x = torch.randn(1, 3, 33, 33)
+    expected, _ = _fast(model, x)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        actual, _ = _fast(clone, x)
+        assert torch.allclose(actual, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_of_fast_model_is_not_required_but_ops_trace():
+    """The plan's ops have fake kernels: torch.compile can trace the fast forward."""
+    model = make_model("bagnet9")
+    x = torch.randn(1, 3, 33, 33)
+    compiled = torch.compile(model, backend="eager", fullgraph=False)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model.reference_forward(x)) <= FP32_RTOL
+
+
+def test_model_built_under_inference_mode():
+    with torch.inference_mode():
+        model = make_model("bagnet9")
+        x = torch.randn(1, 3, 33, 33)
+        assert rel_err(model(x), model.reference_forward(x)) <= FP32_RTOL

@@ -1,0 +1,153 @@
+"""The compiled operators (torch.ops.bagnet_fast) against their pure-PyTorch references."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from bagnet_fast import _extension
+from bagnet_fast.ops import reference as ref
+from conftest import rel_err
+
+ops = torch.ops.bagnet_fast
+
+
+def test_extension_was_built():
+    """The test suite fails when the build should have produced the extension and did not."""
+    assert _extension.loaded(), f"bagnet_fast._C is missing: {_extension.load_error()}"
+
+
+def test_extension_has_cuda_part_when_buildable():
+    wanted = os.environ.get("BAGNET_FAST_CUDA", "auto") not in ("0", "false", "no", "off")
+    buildable = torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or os.path.isfile("/usr/local/cuda/bin/nvcc")
+    )
+    if not (wanted and buildable):
+        pytest.skip("no CUDA toolkit or a CPU-only torch: the CUDA part is not built")
+    assert _extension.with_cuda(), "torch is a CUDA build and nvcc exists, but _C has no CUDA part"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bagnet_fast::pointwise_bottleneck", "CUDA")
+
+
+def _bottleneck_args(batch, channels, planes, height, width, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rand(batch, channels, height, width).contiguous(memory_format=torch.channels_last)
+    return (
+        x,
+        rand(planes, channels, 1, 1, scale=channels**-0.5), rand(planes, scale=0.1),
+        rand(planes, planes, 1, 1, scale=planes**-0.5), rand(planes, scale=0.1),
+        rand(channels, planes, 1, 1, scale=planes**-0.5), rand(channels, scale=0.1),
+    )
+
+
+# Ragged shapes: pixel counts no tile size divides, batch 1 and > 1, real BagNet widths.
+BOTTLENECK_SHAPES = [(1, 256, 64, 7, 5), (3, 256, 64, 11, 13), (2, 512, 128, 3, 9), (1, 2048, 512, 2, 3)]
+
+
+@pytest.mark.parametrize("shape", BOTTLENECK_SHAPES)
+def test_pointwise_bottleneck_matches_reference(shape):
+    args = _bottleneck_args(*shape)
+    expected = ref.pointwise_bottleneck(*args)
+    actual = ops.pointwise_bottleneck(*args)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(actual, expected) <= 1e-5
+    x = args[0].clone()
+    ops.pointwise_bottleneck_(x, *args[1:])
+    assert rel_err(x, expected) <= 1e-5
+
+
+def test_pointwise_bottleneck_float64_fallback():
+    args = _bottleneck_args(2, 64, 16, 5, 3, dtype=torch.float64)
+    assert rel_err(ops.pointwise_bottleneck(*args), ref.pointwise_bottleneck(*args)) <= 1e-12
+
+
+def test_pointwise_bottleneck_with_prepacked_weights():
+    args = list(_bottleneck_args(2, 256, 64, 6, 7))
+    expected = ref.pointwise_bottleneck(*args)
+    for i in (1, 3, 5):
+        args[i] = torch.ops.mkldnn._reorder_convolution_weight(args[i], [0, 0], [1, 1], [1, 1], 1, None)
+    assert rel_err(ops.pointwise_bottleneck(*args), expected) <= 1e-5
+
+
+def test_pointwise_bottleneck_bad_input():
+    x, w1, b1, w2, b2, w3, b3 = _bottleneck_args(1, 64, 16, 4, 4)
+    with pytest.raises(RuntimeError, match="w1 must have shape"):
+        ops.pointwise_bottleneck(x, w1[:, :10], b1, w2, b2, w3, b3)
+    with pytest.raises(RuntimeError, match="bias of w2"):
+        ops.pointwise_bottleneck(x, w1, b1, w2, b2[:3], w3, b3)
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.pointwise_bottleneck(x[0], w1, b1, w2, b2, w3, b3)
+    with pytest.raises(RuntimeError, match="dtype of x"):
+        ops.pointwise_bottleneck(x, w1.double(), b1, w2, b2, w3, b3)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        ops.pointwise_bottleneck_(x.contiguous(), w1, b1, w2, b2, w3, b3)
+
+
+@pytest.mark.parametrize("crop", [(0, 0), (1, 2), (5, 3)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bias_residual_act_matches_reference(crop, relu):
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 24, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(24, generator=g)
+    residual = torch.randn(2, 24, 5 + crop[0], 7 + crop[1], generator=g)
+    expected = y + bias.view(1, -1, 1, 1) + residual[:, :, :5, :7]
+    expected = expected.relu() if relu else expected
+    assert rel_err(ops.bias_residual_act(y, bias, residual, relu), expected) <= 1e-6
+    no_residual = y + bias.view(1, -1, 1, 1)
+    assert rel_err(ops.bias_residual_act(y, bias, None, relu), no_residual.relu() if relu else no_residual) <= 1e-6
+
+
+def test_bias_residual_act_bad_input():
+    y = torch.randn(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="cannot be cropped"):
+        ops.bias_residual_act(y, torch.zeros(4), torch.randn(1, 4, 2, 3), True)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.bias_residual_act(y, torch.zeros(5), None, True)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048, 1, 1), (3, 2048, 4, 5), (2, 64, 7, 3)])
+def test_spatial_mean_linear_matches_reference(shape):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(11, shape[1], generator=g), torch.randn(11, generator=g)
+    assert rel_err(ops.spatial_mean_linear(x, weight, bias), ref.spatial_mean_linear(x, weight, bias)) <= 1e-5
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        ops.spatial_mean_linear(x, weight[:, :-1], bias)
+
+
+def test_opcheck():
+    """Schemas, fake kernels and dispatcher registrations are consistent (torch.library.opcheck)."""
+    bottleneck = _bottleneck_args(2, 64, 16, 5, 3)
+    y = torch.randn(2, 8, 3, 4).contiguous(memory_format=torch.channels_last)
+    cases = [
+        (ops.pointwise_bottleneck.default, bottleneck),
+        (ops.pointwise_bottleneck_.default, (bottleneck[0].clone(),) + bottleneck[1:]),
+        (ops.bias_residual_act.default, (y, torch.randn(8), torch.randn(2, 8, 4, 6), True)),
+        (ops.bias_residual_act.default, (y, torch.randn(8), None, False)),
+        (ops.spatial_mean_linear.default, (y, torch.randn(5, 8), torch.randn(5))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_ops_match_reference(dtype):
+    args = [a.cuda() for a in _bottleneck_args(2, 256, 64, 9, 7)]
+    expected = ref.pointwise_bottleneck(*[a.double() for a in args])
+    low = [a.to(dtype) for a in args]
+    actual = ops.pointwise_bottleneck(*low)
+    torch_error = rel_err(ref.pointwise_bottleneck(*low), expected)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * torch_error + 1e-3
+    assert rel_err(actual, expected) <= tolerance
+    x = low[0]
+    w = torch.randn(10, 256, device="cuda", dtype=dtype)
+    b = torch.randn(10, device="cuda", dtype=dtype)
+    mean_expected = ref.spatial_mean_linear(x.double(), w.double(), b.double())
+    assert rel_err(ops.spatial_mean_linear(x, w, b), mean_expected) <= (1e-5 if dtype == torch.float32 else 2e-2)
