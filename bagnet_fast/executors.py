@@ -2,7 +2,8 @@
 
 - ``torch``: the pure-PyTorch composition of every fused unit (any device, any float dtype).
 - ``cpu``: oneDNN convolutions with fused bias/ReLU/residual post-ops and prepacked weights,
-  plus our C++ ``pointwise_bottleneck`` (cache-tiled) from bagnet_fast._C. float32 on CPU.
+  plus our C++ ``pointwise_bottleneck_`` from bagnet_fast._C. float32 on CPU.
+- ``triton``: our Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1 for testing).
 
 A backend that was asked for and is unavailable raises with the reason; the automatic choice
 falls back to ``torch`` with a warning that says why (never silently).
@@ -10,6 +11,8 @@ falls back to ``torch`` with a warning that says why (never silently).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -28,11 +31,33 @@ class Backend:
     def prepare(self, plan) -> None:
         """Precompute backend-specific weight forms (prepacked layouts, ...)."""
 
-    def stem(self, unit, x: torch.Tensor) -> torch.Tensor:
+    def conv(self, unit, x, relu=True, residual=None, stride=None) -> torch.Tensor:
+        """act(conv_valid(x) + bias [+ residual cropped]) with the unit's stride unless given."""
         raise NotImplementedError
 
-    def block(self, unit, x: torch.Tensor) -> torch.Tensor:
+    def pointwise(self, unit, x: torch.Tensor) -> torch.Tensor:
+        """A whole 1x1-only block (``unit.is_pointwise``)."""
         raise NotImplementedError
+
+    def stem(self, unit, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(unit, x)
+
+    def block(self, unit, x: torch.Tensor) -> torch.Tensor:
+        if unit.is_pointwise:
+            return self.pointwise(unit, x)
+        t = self.conv(unit.conv1, x)
+        t = self.conv(unit.conv2, t)
+        height, width = t.shape[-2:]
+        if unit.downsample is not None:
+            xs = downsample_input(x, unit.downsample.stride, height, width)
+            residual = self.conv(unit.downsample, self._dense(xs), relu=False, stride=1)
+        else:
+            residual = self._dense(ref.crop_top_left(x, height, width))
+        return self.conv(unit.conv3, t, residual=residual)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """A strided view in the form this backend's convolutions read (default: as is)."""
+        return x
 
     def spatial_mean_linear(self, x, weight, bias) -> torch.Tensor:
         return ref.spatial_mean_linear(x, weight, bias)
@@ -53,23 +78,13 @@ def downsample_input(x: torch.Tensor, stride: int, height: int, width: int) -> t
 class TorchBackend(Backend):
     name = "torch"
 
-    def stem(self, unit, x):
-        return ref.conv_bias_act(x, unit.weight, unit.bias, unit.stride, relu=True)
+    def conv(self, unit, x, relu=True, residual=None, stride=None):
+        stride = unit.stride if stride is None else stride
+        return ref.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
 
-    def block(self, unit, x):
-        if unit.is_pointwise:
-            c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
-            return ref.pointwise_bottleneck(
-                x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias
-            )
-        t = ref.conv_bias_act(x, unit.conv1.weight, unit.conv1.bias)
-        t = ref.conv_bias_act(t, unit.conv2.weight, unit.conv2.bias, unit.conv2.stride)
-        residual = x
-        if unit.downsample is not None:
-            ds = unit.downsample
-            xs = downsample_input(x, ds.stride, t.shape[-2], t.shape[-1])
-            residual = ref.conv_bias_act(xs, ds.weight, ds.bias, relu=False)
-        return ref.conv_bias_act(t, unit.conv3.weight, unit.conv3.bias, residual=residual)
+    def pointwise(self, unit, x):
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        return ref.pointwise_bottleneck(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
 
 
 class CpuBackend(Backend):
@@ -94,46 +109,63 @@ class CpuBackend(Backend):
                 if unit is not None:
                     self._pack(unit)
 
-    def _conv(self, unit, x, relu=True, residual=None, stride=None):
+    def conv(self, unit, x, relu=True, residual=None, stride=None):
         weight = unit.prepared["onednn"]
         stride = [unit.stride, unit.stride] if stride is None else [stride, stride]
         if residual is None:
             return self._mkldnn._convolution_pointwise(
                 x, weight, unit.bias, [0, 0], stride, [1, 1], 1, "relu" if relu else "none", [], ""
             )
+        # oneDNN's binary post-op reads a dense residual of the output's size (Backend.block
+        # crops it and makes it dense).
         return self._mkldnn._convolution_pointwise.binary(
             x, residual, weight, unit.bias, [0, 0], stride, [1, 1], 1, "add", 1.0,
             "relu" if relu else None, [], "",
         )
 
-    def stem(self, unit, x):
-        return self._conv(unit, x)
+    def pointwise(self, unit, x):
+        # In place: x is an activation the plan owns (the stem's or a block's output).
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        torch.ops.bagnet_fast.pointwise_bottleneck_(
+            x, c1.prepared["onednn"], c1.bias, c2.prepared["onednn"], c2.bias,
+            c3.prepared["onednn"], c3.bias,
+        )
+        return x
 
-    def block(self, unit, x):
-        if unit.is_pointwise:
-            # In place: x is an activation the plan owns (the stem's or a block's output).
-            c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
-            torch.ops.bagnet_fast.pointwise_bottleneck_(
-                x, c1.prepared["onednn"], c1.bias, c2.prepared["onednn"], c2.bias,
-                c3.prepared["onednn"], c3.bias,
-            )
-            return x
-        t = self._conv(unit.conv1, x)
-        t = self._conv(unit.conv2, t)
-        height, width = t.shape[-2:]
-        if unit.downsample is not None:
-            xs = downsample_input(x, unit.downsample.stride, height, width)
-            xs = xs.contiguous(memory_format=torch.channels_last)
-            residual = self._conv(unit.downsample, xs, relu=False, stride=1)  # xs is subsampled
-        else:
-            residual = ref.crop_top_left(x, height, width).contiguous(memory_format=torch.channels_last)
-        return self._conv(unit.conv3, t, residual=residual)
+    def _dense(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
 
     def spatial_mean_linear(self, x, weight, bias):
         return torch.ops.bagnet_fast.spatial_mean_linear(x, weight, bias)
 
 
-_BACKENDS = {"torch": TorchBackend, "cpu": CpuBackend}
+class TritonBackend(Backend):
+    """Our Triton kernels (kernels/, launchers in bagnet_fast/ops/triton_ops.py). On CUDA
+    tensors; on CPU tensors only under TRITON_INTERPRET=1 (how it is tested without a GPU)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from .ops import triton_ops  # imports triton: only when this backend is chosen
+
+        self._ops = triton_ops
+
+    def conv(self, unit, x, relu=True, residual=None, stride=None):
+        stride = unit.stride if stride is None else stride
+        return self._ops.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
+
+    def pointwise(self, unit, x):
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        return self._ops.pointwise_bottleneck(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+
+    def spatial_mean_linear(self, x, weight, bias):
+        return self._ops.spatial_mean_linear(x, weight, bias)
+
+    def patch_logits(self, x, weight, bias, classes=None):
+        return self._ops.patch_logits(x, weight, bias, classes)
+
+
+_BACKENDS = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend}
 
 
 def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
@@ -151,12 +183,26 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool
         if not has_op("pointwise_bottleneck", "CPU"):
             return False, f"the C++ extension bagnet_fast._C is not loaded ({_extension.load_error()})"
         return True, "oneDNN convolutions + C++ fused ops"
-    if name in ("triton", "cuda"):
-        return False, f"the {name} backend is not implemented yet"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1 (for testing)"
+            if dtype != torch.float32:
+                return False, "the Triton interpreter computes dots in float32 only"
+            return True, "Triton kernels in the interpreter (TRITON_INTERPRET=1)"
+        if device.type != "cuda":
+            return False, f"Triton kernels run on CUDA devices, not {device.type}"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False, f"the Triton kernels support float32/float16/bfloat16, not {dtype}"
+        return True, "fused Triton kernels"
+    if name == "cuda":
+        return False, "the cuda backend is not implemented yet"
     raise ValueError(f"unknown backend {name!r}; choose from {sorted(_BACKENDS)} or None")
 
 
-_PREFERENCE = ("cpu", "torch")
+_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 _warned: set = set()
 
 
@@ -168,7 +214,7 @@ def select(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Bac
             raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
         return _BACKENDS[name]()
     reasons = []
-    for candidate in _PREFERENCE:
+    for candidate in _PREFERENCE.get(device.type, ("torch",)):
         ok, reason = available(candidate, device, dtype)
         if ok:
             if reasons and (device.type, dtype) not in _warned and candidate == "torch":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -79,8 +81,10 @@ def test_accelerate_rejects_non_bagnet():
 
 
 def test_accelerate_with_unavailable_backend_says_why(source):
-    with pytest.raises(RuntimeError, match="backend 'triton' is unavailable"):
-        bagnet_fast.accelerate(source, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        bagnet_fast.accelerate(source, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: .*float32"):
+        bagnet_fast.accelerate(copy.deepcopy(source).double(), backend="cpu")
 
 
 def test_builder_loads_local_weights(source, tmp_path):
@@ -149,5 +153,5 @@ def test_backend_report():
     report = bagnet_fast.backends()
     assert report["cpu"]["available"] is True
     assert report["torch"]["available"] is True
-    assert report["triton"]["available"] is False and report["triton"]["reason"]
+    assert report["cuda"]["available"] is False and report["cuda"]["reason"]
     assert bagnet_fast.backends("cpu", torch.float64)["cpu"]["reason"].startswith("the cpu backend computes in float32")
