@@ -31,8 +31,8 @@ class Backend:
     def prepare(self, plan) -> None:
         """Precompute backend-specific weight forms (prepacked layouts, ...)."""
 
-    def conv(self, unit, x, relu=True, residual=None, stride=None) -> torch.Tensor:
-        """act(conv_valid(x) + bias [+ residual cropped]) with the unit's stride unless given."""
+    def conv(self, unit, x, stride: int, relu=True, residual=None) -> torch.Tensor:
+        """act(conv_valid(x, stride) + bias [+ residual cropped])."""
         raise NotImplementedError
 
     def pointwise(self, unit, x: torch.Tensor) -> torch.Tensor:
@@ -40,20 +40,20 @@ class Backend:
         raise NotImplementedError
 
     def stem(self, unit, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(unit, x)
+        return self.conv(unit, x, unit.stride)
 
     def block(self, unit, x: torch.Tensor) -> torch.Tensor:
         if unit.is_pointwise:
             return self.pointwise(unit, x)
-        t = self.conv(unit.conv1, x)
-        t = self.conv(unit.conv2, t)
+        t = self.conv(unit.conv1, x, unit.conv1.stride)
+        t = self.conv(unit.conv2, t, unit.conv2.stride)
         height, width = t.shape[-2:]
         if unit.downsample is not None:
             xs = downsample_input(x, unit.downsample.stride, height, width)
-            residual = self.conv(unit.downsample, self._dense(xs), relu=False, stride=1)
+            residual = self.conv(unit.downsample, self._dense(xs), 1, relu=False)  # xs is subsampled
         else:
             residual = self._dense(ref.crop_top_left(x, height, width))
-        return self.conv(unit.conv3, t, residual=residual)
+        return self.conv(unit.conv3, t, unit.conv3.stride, residual=residual)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """A strided view in the form this backend's convolutions read (default: as is)."""
@@ -78,8 +78,7 @@ def downsample_input(x: torch.Tensor, stride: int, height: int, width: int) -> t
 class TorchBackend(Backend):
     name = "torch"
 
-    def conv(self, unit, x, relu=True, residual=None, stride=None):
-        stride = unit.stride if stride is None else stride
+    def conv(self, unit, x, stride, relu=True, residual=None):
         return ref.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
 
     def pointwise(self, unit, x):
@@ -109,9 +108,9 @@ class CpuBackend(Backend):
                 if unit is not None:
                     self._pack(unit)
 
-    def conv(self, unit, x, relu=True, residual=None, stride=None):
+    def conv(self, unit, x, stride, relu=True, residual=None):
         weight = unit.prepared["onednn"]
-        stride = [unit.stride, unit.stride] if stride is None else [stride, stride]
+        stride = [stride, stride]
         if residual is None:
             return self._mkldnn._convolution_pointwise(
                 x, weight, unit.bias, [0, 0], stride, [1, 1], 1, "relu" if relu else "none", [], ""
@@ -150,8 +149,7 @@ class TritonBackend(Backend):
 
         self._ops = triton_ops
 
-    def conv(self, unit, x, relu=True, residual=None, stride=None):
-        stride = unit.stride if stride is None else stride
+    def conv(self, unit, x, stride, relu=True, residual=None):
         return self._ops.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
 
     def pointwise(self, unit, x):
