@@ -7,13 +7,17 @@ forward runs a fused inference plan (C++/oneDNN on CPU, Triton/CUDA on GPUs).
 
 from .accelerate import accelerate, bagnet_from_state_dict
 from .executors import backends
+from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
 from .plan import build_plan, get_plan, receptive_field
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, heatmap_padding, preprocess
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BagNet",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Bottleneck",
     "PATCH_SIZES",
     "accelerate",
@@ -23,6 +27,9 @@ __all__ = [
     "bagnet33",
     "bagnet_from_state_dict",
     "build_plan",
+    "cuda_graph",
     "get_plan",
+    "heatmap_padding",
+    "preprocess",
     "receptive_field",
 ]

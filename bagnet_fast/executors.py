@@ -4,9 +4,12 @@
 - ``cpu``: oneDNN convolutions with fused bias/ReLU/residual post-ops and prepacked weights,
   plus our C++ ``pointwise_bottleneck_`` from bagnet_fast._C. float32 on CPU.
 - ``triton``: our Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1 for testing).
+- ``cuda``: cuDNN/cuBLAS(Lt) convolutions through ATen, our CUDA C++ kernels from
+  bagnet_fast._C for the memory-bound work between them (CUDA tensors, float32/float16/bfloat16).
 
 A backend that was asked for and is unavailable raises with the reason; the automatic choice
-falls back to ``torch`` with a warning that says why (never silently).
+takes the first usable backend of ``_PREFERENCE`` and warns, saying why, whenever that is not the
+first one (never silently).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension
 from .ops import has_op
 from .ops import reference as ref
 
-__all__ = ["Backend", "TorchBackend", "CpuBackend", "available", "select", "backends"]
+__all__ = ["Backend", "TorchBackend", "CpuBackend", "TritonBackend", "CudaBackend", "available", "select", "backends"]
 
 
 class Backend:
@@ -163,7 +167,89 @@ class TritonBackend(Backend):
         return self._ops.patch_logits(x, weight, bias, classes)
 
 
-_BACKENDS = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend}
+class CudaBackend(Backend):
+    """Vendor-library convolutions with our fused epilogues (CUDA tensors, fp32/fp16/bf16).
+
+    Activations stay (N, C, H, W) in channels-last memory, so a 1x1 convolution is a GEMM on
+    the (N*H*W, C) pixel matrix, a view:
+    - 1x1 convolutions without a residual (each block's conv1, every downsample): one cuBLASLt
+      GEMM with the bias (and ReLU) in its epilogue (``torch._addmm_activation`` / ``addmm``
+      take ATen's cuBLASLt path with the RELU_BIAS / BIAS epilogue for a 1-D bias): the output
+      is written once. A cuDNN 1x1 convolution would run the same GEMM after its heuristics,
+      then add the bias in a second pass.
+    - k x k convolutions (the merged stem, the 3x3 of each stage's block 0): cuDNN without a
+      bias (``aten::cudnn_convolution``), then our ``bias_residual_act`` kernel for bias + ReLU
+      in one pass (ATen's biased cuDNN convolution adds the bias in a pass of its own, and ReLU
+      would be a third). float32 convolutions are exact fp32, not TF32 (PyTorch's default for
+      cuDNN convolutions), so that float32 holds the 1e-5 parity; ``BAGNET_FAST_TF32=1`` opts
+      into TF32, as for the Triton backend. The GEMMs follow PyTorch's matmul precision setting
+      (exact fp32 by default).
+    - 1x1 convolutions with a residual (each conv3): a GEMM, then ``bias_residual_act`` reads
+      the GEMM output and the residual (cropped top-left in the kernel, by strides, no copy) and
+      writes relu(y + bias + residual) once.
+    - 1x1-only blocks: ``pointwise_bottleneck_`` (csrc/cuda/ops_cuda.cpp), in place: the same
+      GEMMs in one dispatcher call, the residual add + ReLU written into x.
+    - the head: ``spatial_mean_linear`` (our mean kernel, then a (N, 2048) x (2048, K) GEMM);
+      per-patch logits are one GEMM with the bias in the epilogue on the (N*H'*W', 2048)
+      feature matrix (the reference ``patch_logits``): nothing memory-bound to fuse there.
+
+    Every step runs on CPU tensors as well (the C++ twins of the ops), which is how the
+    composition is tested without a GPU: ``plan.backend = CudaBackend(); plan.backend.prepare(plan)``.
+    """
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self._allow_tf32 = os.environ.get("BAGNET_FAST_TF32") == "1"
+
+    def prepare(self, plan) -> None:
+        units = [plan.stem] + [
+            unit
+            for block in plan.blocks
+            for unit in (block.conv1, block.conv2, block.conv3, block.downsample)
+            if unit is not None
+        ]
+        for unit in units:
+            if unit.kernel_size == 1:
+                unit.prepared["matrix_t"] = unit.matrix.t()  # (Cin, Cout) view for x @ W^T
+
+    def conv(self, unit, x, stride, relu=True, residual=None):
+        if unit.kernel_size == 1 and stride == 1:
+            weight_t = unit.prepared["matrix_t"]
+            # (N*H*W, Cin): a view of channels-last x; a copy of a subsampled view.
+            pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            if residual is None:
+                gemm = torch._addmm_activation if relu else torch.addmm
+                return _pixels_as_image(gemm(unit.bias, pixels, weight_t), x)
+            y = _pixels_as_image(torch.mm(pixels, weight_t), x)
+        elif x.is_cuda:
+            cudnn = torch.backends.cudnn
+            y = torch.ops.aten.cudnn_convolution(
+                x, unit.weight, [0, 0], [stride, stride], [1, 1], 1,
+                cudnn.benchmark, cudnn.deterministic, self._allow_tf32,
+            )
+        else:  # CPU tensors: the test path of this composition (the ops' C++ twins)
+            y = F.conv2d(x, unit.weight, None, stride)
+        return torch.ops.bagnet_fast.bias_residual_act(y, unit.bias, residual, relu)
+
+    def pointwise(self, unit, x):
+        # In place: x is an activation the plan owns (the stem's or a block's output).
+        x = x.contiguous(memory_format=torch.channels_last)
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        torch.ops.bagnet_fast.pointwise_bottleneck_(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+        return x
+
+    def spatial_mean_linear(self, x, weight, bias):
+        return torch.ops.bagnet_fast.spatial_mean_linear(x, weight, bias)
+
+
+def _pixels_as_image(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N*H*W, C) pixel matrix -> (N, C, H, W) channels-last view, H and W those of ``like``."""
+    n, _, height, width = like.shape
+    return matrix.view(n, height, width, matrix.shape[1]).permute(0, 3, 1, 2)
+
+
+_BACKENDS = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend, "cuda": CudaBackend}
 
 
 def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
@@ -196,11 +282,31 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool
             return False, f"the Triton kernels support float32/float16/bfloat16, not {dtype}"
         return True, "fused Triton kernels"
     if name == "cuda":
-        return False, "the cuda backend is not implemented yet"
+        if device.type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, not {device.type} ({_cuda_kernels_status()})"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False, f"the cuda backend supports float32/float16/bfloat16, not {dtype}"
+        if not has_op("bias_residual_act", "CUDA"):
+            return False, _cuda_kernels_status()
+        return True, "cuDNN/cuBLAS convolutions + fused CUDA kernels (bagnet_fast._C)"
     raise ValueError(f"unknown backend {name!r}; choose from {sorted(_BACKENDS)} or None")
 
 
-_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
+def _cuda_kernels_status() -> str:
+    if not _extension.loaded():
+        return f"the C++ extension bagnet_fast._C is not loaded ({_extension.load_error()})"
+    if not _extension.with_cuda():
+        return "bagnet_fast._C was built without its CUDA sources (no nvcc or a CPU-only torch at build time)"
+    if not has_op("bias_residual_act", "CUDA"):
+        return "bagnet_fast._C has no CUDA kernels registered (rebuild the extension)"
+    return "bagnet_fast._C has its CUDA kernels"
+
+
+# Triton first on CUDA: its kernels fuse the epilogues into the GEMMs themselves (the cuda
+# backend writes each GEMM output once more); the cuda backend is the fallback where Triton is
+# missing or a dtype is unsupported. Not yet measured on a GPU: revisit with
+# benchmarks/gpu_check.sh numbers.
+_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 _warned: set = set()
 
 
@@ -215,11 +321,11 @@ def select(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Bac
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
         ok, reason = available(candidate, device, dtype)
         if ok:
-            if reasons and (device.type, dtype) not in _warned and candidate == "torch":
+            if reasons and (device.type, dtype) not in _warned:
                 _warned.add((device.type, dtype))
+                label = "the pure-PyTorch backend" if candidate == "torch" else f"the {candidate} backend"
                 warnings.warn(
-                    f"bagnet_fast: using the pure-PyTorch backend on {device.type}/{dtype}: "
-                    + "; ".join(reasons),
+                    f"bagnet_fast: using {label} on {device.type}/{dtype}: " + "; ".join(reasons),
                     stacklevel=3,
                 )
             return _BACKENDS[candidate]()

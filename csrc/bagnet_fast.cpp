@@ -19,6 +19,13 @@ TORCH_LIBRARY(bagnet_fast, m) {
   m.def("bias_residual_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // The avg_pool=True head: linear(mean of x over H and W): (N, C, H, W) -> (N, K).
   m.def("spatial_mean_linear(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  // The input pipeline: uint8 images (N, 3, H, W) of any strides (an (N, H, W, 3) array permuted
+  // is a channels-last view) -> (N, 3, H + top + bottom, W + left + right) channels-last in
+  // `dtype`: (x / 255 - mean[c]) / std[c] inside, zeros in the padding (pad = [top, bottom,
+  // left, right], applied after normalisation, as the dense heatmap needs). One read, one write.
+  m.def(
+      "preprocess(Tensor images, float[] mean, float[] std, int[] pad, ScalarType dtype) -> "
+      "Tensor");
 }
 
 // `import bagnet_fast._C` loads this library, which registers the operators above.

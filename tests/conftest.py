@@ -3,10 +3,18 @@ and the error measure every parity test uses."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import bagnet_fast
+# Without a GPU, the Triton tests run in the interpreter, which must be chosen before anything
+# imports triton (torch.utils.flop_counter does, when test_flops.py is collected): set it here,
+# once, so that the result does not depend on the order in which test files are collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import bagnet_fast  # noqa: E402
 
 VARIANTS = ("bagnet9", "bagnet17", "bagnet33")
 

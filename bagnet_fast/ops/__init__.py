@@ -43,3 +43,14 @@ if _extension.loaded():
     def _spatial_mean_linear_fake(x, weight, bias):
         torch._check(x.dim() == 4, lambda: "x must be 4-D (N, C, H, W)")
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("bagnet_fast::preprocess")
+    def _preprocess_fake(images, mean, std, pad, dtype):
+        torch._check(images.dim() == 4 and images.shape[1] == 3, lambda: "images must be (N, 3, H, W)")
+        torch._check(images.dtype == torch.uint8, lambda: "images must be uint8")
+        torch._check(len(pad) == 4, lambda: "pad must be [top, bottom, left, right]")
+        n, _, height, width = images.shape
+        top, bottom, left, right = pad
+        return images.new_empty(
+            (n, 3, height + top + bottom, width + left + right), dtype=dtype
+        ).contiguous(memory_format=torch.channels_last)

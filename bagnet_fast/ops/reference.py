@@ -19,6 +19,7 @@ __all__ = [
     "spatial_mean_linear",
     "patch_logits",
     "crop_top_left",
+    "preprocess",
 ]
 
 
@@ -81,3 +82,32 @@ def patch_logits(
         index = torch.as_tensor(classes, device=weight.device, dtype=torch.long)
         weight, bias = weight.index_select(0, index), bias.index_select(0, index)
     return F.linear(x.permute(0, 2, 3, 1), weight, bias)
+
+
+def preprocess(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad: Sequence[int] = (0, 0, 0, 0),
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The input pipeline: uint8 images (N, 3, H, W), any strides -> (N, 3, H + top + bottom,
+    W + left + right) channels-last ``dtype``: (x / 255 - mean[c]) / std[c] inside, zeros in the
+    padding ``pad = (top, bottom, left, right)`` (applied after normalisation).
+
+    Computed as x * scale[c] + shift[c] in float32 with scale = 1 / (255 std) and shift =
+    -mean / std rounded to float32 from float64, like the C++ and CUDA kernels.
+    """
+    top, bottom, left, right = pad
+    n, _, height, width = images.shape
+    mean64 = torch.tensor(list(mean), dtype=torch.float64)
+    std64 = torch.tensor(list(std), dtype=torch.float64)
+    scale = (1.0 / (255.0 * std64)).float().view(1, 3, 1, 1).to(images.device)
+    shift = (-mean64 / std64).float().view(1, 3, 1, 1).to(images.device)
+    out = torch.zeros(
+        (n, 3, height + top + bottom, width + left + right),
+        dtype=dtype,
+        device=images.device,
+    ).contiguous(memory_format=torch.channels_last)
+    out[:, :, top : top + height, left : left + width] = images.float() * scale + shift
+    return out

@@ -5,12 +5,16 @@
 // is the fusion around them: the whole 1x1-only bottleneck in one call, its residual add and
 // ReLU inside the last GEMM's epilogue, written in place.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 #include <string>
+
+#include "../preprocess.h"
 
 namespace bagnet_fast {
 namespace {
@@ -20,6 +24,13 @@ void check_nchw(const at::Tensor& t, const char* name) {
               "-D");
   TORCH_CHECK(t.is_floating_point(), "bagnet_fast: ", name, " must be floating point, got ",
               t.scalar_type());
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bagnet_fast: ", name, " must have the dtype of ",
+              x_name, " (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "bagnet_fast: ", name, " must be on the device of ",
+              x_name, " (", x.device(), "), got ", t.device());
 }
 
 void check_matrix(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& b,
@@ -178,10 +189,13 @@ at::Tensor bias_residual_act_cpu(const at::Tensor& y, const at::Tensor& bias,
   check_nchw(y, "y");
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == y.size(1), "bagnet_fast: bias must have shape (",
               y.size(1), "), got ", bias.sizes());
-  at::Tensor out = y.add(bias.view({1, -1, 1, 1}).to(y.scalar_type()));
+  check_like(bias, y, "bias", "y");
+  // The output keeps y's memory format (channels-last in, channels-last out).
+  at::Tensor out = y.add(bias.view({1, -1, 1, 1}));
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
     check_nchw(r, "residual");
+    check_like(r, y, "residual", "y");
     TORCH_CHECK(r.size(0) == y.size(0) && r.size(1) == y.size(1) && r.size(2) >= y.size(2) &&
                     r.size(3) >= y.size(3),
                 "bagnet_fast: residual ", r.sizes(), " cannot be cropped to y ", y.sizes());
@@ -199,9 +213,77 @@ at::Tensor spatial_mean_linear_cpu(const at::Tensor& x, const at::Tensor& weight
   return at::addmm(bias, x.mean({2, 3}), weight.t());
 }
 
+// One output row (3 * out_width values of an NHWC image) of preprocess. Rows of an NHWC uint8
+// array (pixel stride 3, channel stride 1) are one contiguous run of 3 * width bytes; they are
+// converted in chunks of 48 values with the (scale, shift) pattern repeated 16 times, so the inner
+// loop has unit strides and no modulo, which the compiler vectorises. Other layouts (NCHW planes)
+// take the strided loop.
+template <typename T>
+void preprocess_row(const uint8_t* src, T* dst, int64_t width, int64_t pixel_stride,
+                    int64_t channel_stride, const PreprocessParams& p) {
+  constexpr int64_t kChunk = 48;  // 16 pixels of 3 channels
+  int64_t w = 0;
+  if (pixel_stride == 3 && channel_stride == 1) {
+    float scale[kChunk], shift[kChunk];
+    for (int64_t k = 0; k < kChunk; ++k) {
+      scale[k] = p.scale[k % 3];
+      shift[k] = p.shift[k % 3];
+    }
+    for (; w + 16 <= width; w += 16) {
+      const uint8_t* s = src + 3 * w;
+      T* d = dst + 3 * w;
+      for (int64_t k = 0; k < kChunk; ++k) {
+        d[k] = static_cast<T>(static_cast<float>(s[k]) * scale[k] + shift[k]);
+      }
+    }
+  }
+  for (; w < width; ++w) {
+    for (int64_t c = 0; c < 3; ++c) {
+      const float v = static_cast<float>(src[w * pixel_stride + c * channel_stride]);
+      dst[3 * w + c] = static_cast<T>(v * p.scale[c] + p.shift[c]);
+    }
+  }
+}
+
+// uint8 images (N, 3, H, W), any strides -> (N, 3, H', W') channels-last: (x/255 - mean)/std,
+// zero padding around it. One pass over the output, parallel over output rows.
+at::Tensor preprocess_cpu(const at::Tensor& images, at::ArrayRef<double> mean,
+                          at::ArrayRef<double> std, at::IntArrayRef pad, at::ScalarType dtype) {
+  TORCH_CHECK(images.device().is_cpu(), "bagnet_fast: preprocess: images must be on the CPU here");
+  const PreprocessParams p = check_preprocess_args(images, mean, std, pad, dtype);
+  at::Tensor out = preprocess_output(images, p, dtype);
+  if (out.numel() == 0) return out;
+  const int64_t height = images.size(2), width = images.size(3);
+  const int64_t sn = images.stride(0), sc = images.stride(1), sh = images.stride(2),
+                sw = images.stride(3);
+  const uint8_t* in = images.const_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bagnet_fast::preprocess", [&] {
+    scalar_t* base = out.mutable_data_ptr<scalar_t>();
+    const int64_t row_values = 3 * p.out_width;
+    // ~16 KiB of output per task at least: enough work to amortise a thread hand-off.
+    const int64_t grain = std::max<int64_t>(1, 4096 / row_values);
+    at::parallel_for(0, out.size(0) * p.out_height, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / p.out_height;
+        const int64_t h = row % p.out_height - p.top;
+        scalar_t* dst = base + row * row_values;
+        if (h < 0 || h >= height) {
+          std::fill(dst, dst + row_values, scalar_t(0));
+          continue;
+        }
+        std::fill(dst, dst + 3 * p.left, scalar_t(0));
+        preprocess_row(in + n * sn + h * sh, dst + 3 * p.left, width, sw, sc, p);
+        std::fill(dst + 3 * (p.left + width), dst + row_values, scalar_t(0));
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bagnet_fast, CPU, m) {
+  m.impl("preprocess", &preprocess_cpu);
   m.impl("pointwise_bottleneck", &pointwise_bottleneck_cpu);
   m.impl("pointwise_bottleneck_", &pointwise_bottleneck_inplace_cpu);
   m.impl("bias_residual_act", &bias_residual_act_cpu);

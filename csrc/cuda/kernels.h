@@ -16,13 +16,28 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 cudaError_t spatial_mean(DType dtype, const void* x, void* out, int64_t batch, int64_t pixels,
                          int64_t channels, cudaStream_t stream);
 
-// out[n, h, w, c] = act(y[n, h, w, c] + bias[c] + residual[n, h, w, c]) with the residual
-// (N, Hr, Wr, C), Hr >= H, Wr >= W, cropped to the top-left; residual may be null.
-// All channels-last contiguous; out may alias y.
+// out[n, h, w, c] = act(y[n, h, w, c] + bias[c] + residual[n, h, w, c]).
+// y and out: channels-last (N, H, W, C) contiguous; residual (may be null): any (N, >=H, >=W, C)
+// array with unit channel stride, read at element n * residual_strides[0] + h *
+// residual_strides[1] + w * residual_strides[2] + c (a top-left crop is just a strided view).
+// out may alias y, or the residual when that has out's layout (an in-place residual block).
 cudaError_t bias_residual_act(DType dtype, const void* y, const void* bias, const void* residual,
                               void* out, int64_t batch, int64_t height, int64_t width,
-                              int64_t channels, int64_t residual_height, int64_t residual_width,
-                              bool relu, cudaStream_t stream);
+                              int64_t channels, const int64_t residual_strides[3], bool relu,
+                              cudaStream_t stream);
+
+// out = x * scale[c] + shift[c] (== (x / 255 - mean[c]) / std[c]), zero padded.
+struct PreprocessAffine {
+  float scale[3];
+  float shift[3];
+};
+
+// uint8 images (N, 3, H, W) read at n * strides[0] + c * strides[1] + h * strides[2] + w *
+// strides[3] -> out (N, H + top + bottom, W + left + right, 3) contiguous, zeros in the padding.
+cudaError_t preprocess(DType dtype, const uint8_t* images, void* out, int64_t batch,
+                       int64_t height, int64_t width, const int64_t strides[4], int64_t top,
+                       int64_t bottom, int64_t left, int64_t right, PreprocessAffine affine,
+                       cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bagnet_fast

@@ -1,19 +1,21 @@
-// CUDA implementations of the bagnet_fast operators: GEMMs through ATen (cuBLAS), the
-// memory-bound epilogues through our kernels in kernels.cu.
+// CUDA implementations of the bagnet_fast operators: GEMMs through ATen (cuBLAS/cuBLASLt), the
+// memory-bound work around them through our kernels in kernels.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
+#include "../preprocess.h"
 #include "kernels.h"
 
 namespace bagnet_fast {
 namespace {
 
-cuda::DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+cuda::DType kernel_dtype(at::ScalarType type) {
+  switch (type) {
     case at::kFloat:
       return cuda::DType::kFloat32;
     case at::kHalf:
@@ -21,15 +23,21 @@ cuda::DType kernel_dtype(const at::Tensor& t) {
     case at::kBFloat16:
       return cuda::DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "bagnet_fast: CUDA ops support float32, float16 and bfloat16, got ",
-                  t.scalar_type());
+      TORCH_CHECK(false, "bagnet_fast: CUDA ops support float32, float16 and bfloat16, got ", type);
   }
 }
 
 void check_cuda_image(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "bagnet_fast: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.is_cuda(), "bagnet_fast: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, "bagnet_fast: ", name, " must be 4-D (N, C, H, W), got ", t.dim(),
               "-D");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bagnet_fast: ", name, " must have the dtype of ",
+              x_name, " (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "bagnet_fast: ", name, " must be on the device of ",
+              x_name, " (", x.device(), "), got ", t.device());
 }
 
 void check_launch(cudaError_t status, const char* kernel) {
@@ -37,37 +45,53 @@ void check_launch(cudaError_t status, const char* kernel) {
               cudaGetErrorString(status));
 }
 
+// The (N*H*W, C) pixel matrix of a channels-last (N, C, H, W) tensor (a view), and back.
+at::Tensor pixel_matrix(const at::Tensor& x_cl) {
+  return x_cl.permute({0, 2, 3, 1}).reshape({-1, x_cl.size(1)});
+}
+at::Tensor as_image(const at::Tensor& m, const at::Tensor& like) {
+  return m.view({like.size(0), like.size(2), like.size(3), m.size(1)}).permute({0, 3, 1, 2});
+}
+
+// out <- act(y + bias + residual cropped); y and out channels-last contiguous, checked.
+void bias_residual_act_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& residual, bool relu) {
+  check_cuda_image(y, "y");
+  const auto dtype = kernel_dtype(y.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == y.size(1), "bagnet_fast: bias must have shape (",
+              y.size(1), "), got ", bias.sizes());
+  check_like(bias, y, "bias", "y");
+  const at::Tensor bias_c = bias.contiguous();
+  at::Tensor r;
+  int64_t strides[3] = {0, 0, 0};
+  if (residual.has_value()) {
+    r = *residual;
+    check_cuda_image(r, "residual");
+    check_like(r, y, "residual", "y");
+    TORCH_CHECK(r.size(0) == y.size(0) && r.size(1) == y.size(1) && r.size(2) >= y.size(2) &&
+                    r.size(3) >= y.size(3),
+                "bagnet_fast: residual ", r.sizes(), " cannot be cropped to y ", y.sizes());
+    // Any view with unit channel stride is read in place (a top-left crop of a channels-last
+    // map needs no copy); anything else is made channels-last first.
+    if (r.size(1) > 1 && r.stride(1) != 1) r = r.contiguous(at::MemoryFormat::ChannelsLast);
+    strides[0] = r.stride(0);
+    strides[1] = r.stride(2);
+    strides[2] = r.stride(3);
+  }
+  check_launch(cuda::bias_residual_act(dtype, y.const_data_ptr(), bias_c.const_data_ptr(),
+                                       r.defined() ? r.const_data_ptr() : nullptr,
+                                       out.mutable_data_ptr(), y.size(0), y.size(2), y.size(3),
+                                       y.size(1), strides, relu, at::cuda::getCurrentCUDAStream()),
+               "bias_residual_act");
+}
+
 at::Tensor bias_residual_act_cuda(const at::Tensor& y, const at::Tensor& bias,
                                   const std::optional<at::Tensor>& residual, bool relu) {
   check_cuda_image(y, "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  const auto dtype = kernel_dtype(y);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == y.size(1), "bagnet_fast: bias must have shape (",
-              y.size(1), "), got ", bias.sizes());
-  TORCH_CHECK(bias.scalar_type() == y.scalar_type() && bias.device() == y.device(),
-              "bagnet_fast: bias must have the dtype and device of y");
   const at::Tensor y_cl = y.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor bias_c = bias.contiguous();
-  at::Tensor residual_cl;
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    check_cuda_image(r, "residual");
-    TORCH_CHECK(r.scalar_type() == y.scalar_type() && r.device() == y.device(),
-                "bagnet_fast: residual must have the dtype and device of y");
-    TORCH_CHECK(r.size(0) == y.size(0) && r.size(1) == y.size(1) && r.size(2) >= y.size(2) &&
-                    r.size(3) >= y.size(3),
-                "bagnet_fast: residual ", r.sizes(), " cannot be cropped to y ", y.sizes());
-    residual_cl = r.contiguous(at::MemoryFormat::ChannelsLast);
-  }
   at::Tensor out = at::empty_like(y_cl, y_cl.options().memory_format(at::MemoryFormat::ChannelsLast));
-  check_launch(
-      cuda::bias_residual_act(dtype, y_cl.data_ptr(), bias_c.data_ptr(),
-                              residual_cl.defined() ? residual_cl.data_ptr() : nullptr,
-                              out.data_ptr(), y.size(0), y.size(2), y.size(3), y.size(1),
-                              residual_cl.defined() ? residual_cl.size(2) : y.size(2),
-                              residual_cl.defined() ? residual_cl.size(3) : y.size(3), relu,
-                              at::cuda::getCurrentCUDAStream()),
-      "bias_residual_act");
+  bias_residual_act_into(out, y_cl, bias, residual, relu);
   return out;
 }
 
@@ -75,45 +99,96 @@ at::Tensor spatial_mean_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
                                     const at::Tensor& bias) {
   check_cuda_image(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dtype = kernel_dtype(x);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "bagnet_fast: weight must be (K, ",
+  const auto dtype = kernel_dtype(x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "bagnet_fast: weight must have shape (K, ",
               x.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "bagnet_fast: bias of weight must have shape (",
+              weight.size(0), "), got ", bias.sizes());
+  check_like(weight, x, "weight", "x");
+  check_like(bias, x, "bias of weight", "x");
   const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options());
-  check_launch(cuda::spatial_mean(dtype, x_cl.data_ptr(), mean.data_ptr(), x.size(0),
+  check_launch(cuda::spatial_mean(dtype, x_cl.const_data_ptr(), mean.mutable_data_ptr(), x.size(0),
                                   x.size(2) * x.size(3), x.size(1),
                                   at::cuda::getCurrentCUDAStream()),
                "spatial_mean");
   return at::addmm(bias, mean, weight.t());
 }
 
-// 1x1 convolutions as GEMMs on the (N*H*W, C) pixel matrix; bias, residual and ReLU in our
-// epilogue kernel.
+void check_pointwise_weight(const at::Tensor& w, int64_t out, int64_t in, const at::Tensor& b,
+                            const at::Tensor& x, const char* name) {
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == out && w.size(1) == in && w.size(2) == 1 && w.size(3) == 1,
+              "bagnet_fast: ", name, " must have shape (", out, ", ", in, ", 1, 1), got ", w.sizes());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == out, "bagnet_fast: bias of ", name, " must have shape (",
+              out, "), got ", b.sizes());
+  check_like(w, x, name, "x");
+  check_like(b, x, (std::string("bias of ") + name).c_str(), "x");
+}
+
+// out <- relu(W3 relu(W2 relu(W1 x + b1) + b2) + b3 + x) on the pixel matrix. The first two
+// GEMMs add the bias and apply the ReLU in cuBLASLt's epilogue (at::_addmm_activation takes the
+// Lt path with the RELU_BIAS epilogue for a contiguous 1-D bias and more than one row, see
+// isInputCompliesAddmmCudaLt in ATen's cuda/Blas.cpp; otherwise GEMM + relu_): one write of
+// each intermediate instead of a GEMM write plus a read-modify-write pass. The last
+// GEMM's bias, the residual and the ReLU go through our kernel; out may be x (in place).
+void pointwise_bottleneck_into(const at::Tensor& out, const at::Tensor& x_cl, const at::Tensor& w1,
+                               const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                               const at::Tensor& w3, const at::Tensor& b3) {
+  const int64_t channels = x_cl.size(1);
+  const int64_t planes = w1.size(0);
+  kernel_dtype(x_cl.scalar_type());
+  check_pointwise_weight(w1, planes, channels, b1, x_cl, "w1");
+  check_pointwise_weight(w2, planes, planes, b2, x_cl, "w2");
+  check_pointwise_weight(w3, channels, planes, b3, x_cl, "w3");
+  if (x_cl.numel() == 0) return;
+  at::Tensor t = at::_addmm_activation(b1, pixel_matrix(x_cl), w1.flatten(1).t());
+  t = at::_addmm_activation(b2, t, w2.flatten(1).t());
+  t = at::mm(t, w3.flatten(1).t());
+  bias_residual_act_into(out, as_image(t, x_cl), b3, x_cl, true);
+}
+
 at::Tensor pointwise_bottleneck_cuda(const at::Tensor& x, const at::Tensor& w1,
                                      const at::Tensor& b1, const at::Tensor& w2,
                                      const at::Tensor& b2, const at::Tensor& w3,
                                      const at::Tensor& b3) {
   check_cuda_image(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t channels = x.size(1);
   const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor pixels = x_cl.permute({0, 2, 3, 1}).reshape({-1, channels});
-  auto as_image = [&](const at::Tensor& m) {
-    return m.view({x.size(0), x.size(2), x.size(3), m.size(1)}).permute({0, 3, 1, 2});
-  };
-  at::Tensor t = at::mm(pixels, w1.flatten(1).t());
-  t = bias_residual_act_cuda(as_image(t), b1, std::nullopt, true);
-  t = at::mm(t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}), w2.flatten(1).t());
-  t = bias_residual_act_cuda(as_image(t), b2, std::nullopt, true);
-  t = at::mm(t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}), w3.flatten(1).t());
-  return bias_residual_act_cuda(as_image(t), b3, x_cl, true);
+  at::Tensor out = at::empty_like(x_cl, x_cl.options().memory_format(at::MemoryFormat::ChannelsLast));
+  pointwise_bottleneck_into(out, x_cl, w1, b1, w2, b2, w3, b3);
+  return out;
 }
 
 void pointwise_bottleneck_inplace_cuda(const at::Tensor& x, const at::Tensor& w1,
                                        const at::Tensor& b1, const at::Tensor& w2,
                                        const at::Tensor& b2, const at::Tensor& w3,
                                        const at::Tensor& b3) {
-  x.copy_(pointwise_bottleneck_cuda(x, w1, b1, w2, b2, w3, b3));
+  check_cuda_image(x, "x");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "bagnet_fast: pointwise_bottleneck_ needs x in channels-last memory");
+  const c10::cuda::CUDAGuard guard(x.device());
+  pointwise_bottleneck_into(x, x, w1, b1, w2, b2, w3, b3);
+}
+
+at::Tensor preprocess_cuda(const at::Tensor& images, at::ArrayRef<double> mean,
+                           at::ArrayRef<double> std, at::IntArrayRef pad, at::ScalarType dtype) {
+  TORCH_CHECK(images.is_cuda(), "bagnet_fast: preprocess: images must be a CUDA tensor here, got ",
+              images.device());
+  const PreprocessParams p = check_preprocess_args(images, mean, std, pad, dtype);
+  const c10::cuda::CUDAGuard guard(images.device());
+  at::Tensor out = preprocess_output(images, p, dtype);
+  cuda::PreprocessAffine affine{};
+  for (int c = 0; c < 3; ++c) {
+    affine.scale[c] = p.scale[c];
+    affine.shift[c] = p.shift[c];
+  }
+  const int64_t strides[4] = {images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
+  check_launch(cuda::preprocess(kernel_dtype(dtype), images.const_data_ptr<uint8_t>(),
+                                out.mutable_data_ptr(), images.size(0), images.size(2),
+                                images.size(3), strides, p.top, p.bottom, p.left, p.right, affine,
+                                at::cuda::getCurrentCUDAStream()),
+               "preprocess");
+  return out;
 }
 
 }  // namespace
@@ -123,6 +198,7 @@ TORCH_LIBRARY_IMPL(bagnet_fast, CUDA, m) {
   m.impl("pointwise_bottleneck_", &pointwise_bottleneck_inplace_cuda);
   m.impl("bias_residual_act", &bias_residual_act_cuda);
   m.impl("spatial_mean_linear", &spatial_mean_linear_cuda);
+  m.impl("preprocess", &preprocess_cuda);
 }
 
 }  // namespace bagnet_fast
