@@ -2,7 +2,10 @@
 
 Each implementation runs in the same process on the same inputs: warm-up calls first (they
 build the plan, JIT caches, oneDNN primitives), then ``repeats`` timed calls, device
-synchronised inside the timing. Reports the median time per batch.
+synchronised inside the timing. Reports the median time per batch, the achieved rate from the
+counted FLOPs and bytes (:mod:`bagnet_fast.flops`) and its fraction of the device's limits,
+measured on the spot (a large matmul, a large copy), so that a number from one machine can be
+read on another. Writes ``bench.json`` and, when matplotlib is installed, ``bench.png``.
 """
 
 from __future__ import annotations
@@ -13,16 +16,25 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import flops as _flops
 from . import models as _models
+from .executors import backends, select
+from .plan import get_plan
 
-__all__ = ["measure", "run_bench", "add_arguments"]
+__all__ = ["measure", "measure_peaks", "run_bench", "add_arguments", "write_atomically", "check_new_outputs"]
+
+# Brendel & Bethge (2019), on their 2018 GPU: BagNet-33 155 img/s vs ResNet-50 570 img/s. It is
+# the FLOP ratio (8.2 / 32.5 GFLOP = 0.25) at equal efficiency; the bench measures both here.
+PAPER_IMAGES_PER_SECOND = {"bagnet33": 155.0, "resnet50": 570.0}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -31,98 +43,288 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def _implementations(args, device) -> Dict[str, Callable[[torch.Tensor], object]]:
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+    """The device's limits as reachable from PyTorch, measured now: the best of a few square
+    matmuls (FLOP/s) and of a few large copies (bytes read + written per second). Sizes are big
+    enough to leave the caches (CPU: 128 MiB; GPU: 1 GiB) and small enough to take < 1 s."""
+    on_gpu = device.type == "cuda"
+    n = 8192 if on_gpu else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    matmul = min(measure(lambda: torch.mm(a, b), device, warmup=1, repeats=5))
+    del a, b
+    elements = (1 << 30 if on_gpu else 128 << 20) // 4
+    src = torch.ones(elements, device=device)
+    dst = torch.empty_like(src)
+    copy = min(measure(lambda: dst.copy_(src), device, warmup=1, repeats=5))
+    return {
+        "matmul_flops_per_s": 2 * n**3 / matmul,
+        "copy_bytes_per_s": 2 * src.numel() * src.element_size() / copy,
+        "matmul_size": n,
+        "copy_mib": src.numel() * src.element_size() / 2**20,
+    }
+
+
+def _implementations(args, device, dtype) -> Dict[str, dict]:
+    """name -> {"fn": images -> output, "costs": counted per-batch (FLOPs, bytes)}; the fast rows
+    have "plan_costs" instead, a function giving "costs" and "backend" once the plan is built."""
+    shape = (args.batch, 3, args.size, args.size)
     torch.manual_seed(0)
-    model = getattr(_models, args.model)().to(device).eval()
-    channels_last = getattr(_models, args.model)().to(device).eval()
+    model = getattr(_models, args.model)().to(device=device, dtype=dtype).eval()
+    channels_last = getattr(_models, args.model)().to(device=device, dtype=dtype).eval()
     channels_last.load_state_dict(model.state_dict())
     channels_last = channels_last.to(memory_format=torch.channels_last)
-    impls: Dict[str, Callable[[torch.Tensor], object]] = {
-        "reference eager NCHW": model.reference_forward,
-        "reference eager channels-last": lambda x: channels_last.reference_forward(
-            x.contiguous(memory_format=torch.channels_last)
-        ),
-        "bagnet_fast": model,
+    reference_cost = _flops.total(_flops.reference_layer_costs(model, shape, dtype))
+    impls: Dict[str, dict] = {
+        "reference eager NCHW": {"fn": model.reference_forward, "costs": reference_cost},
+        "reference eager channels-last": {
+            "fn": lambda x: channels_last.reference_forward(x.contiguous(memory_format=torch.channels_last)),
+            "costs": reference_cost,
+        },
     }
+    for backend in _fast_backends(args, device, dtype):
+        fast = getattr(_models, args.model)().to(device=device, dtype=dtype).eval()
+        fast.load_state_dict(model.state_dict())
+        fast.backend = backend
+        name = "bagnet_fast" if backend is None else f"bagnet_fast [{backend} backend]"
+        # Costs and backend come from the plan, which the first call builds (and is timed doing).
+        impls[name] = {"fn": fast, "plan_costs": lambda fast=fast: _fast_costs(fast, shape, dtype)}
     if args.compile:
-        compiled = torch.compile(model.reference_forward)
-        impls["reference torch.compile"] = compiled
+        impls["reference torch.compile"] = {"fn": torch.compile(model.reference_forward), "costs": reference_cost}
     if args.resnet:
-        try:
-            import torchvision
-        except ImportError:
-            print("torchvision is not installed: no ResNet-50 row")
-        else:
-            resnet = torchvision.models.resnet50().to(device).eval()
-            resnet_cl = torchvision.models.resnet50().to(device).eval().to(memory_format=torch.channels_last)
-            impls["torchvision resnet50 eager NCHW"] = resnet
-            impls["torchvision resnet50 eager channels-last"] = lambda x: resnet_cl(
-                x.contiguous(memory_format=torch.channels_last)
-            )
+        impls.update(_resnet_implementations(shape, device, dtype))
     return impls
+
+
+def _fast_backends(args, device, dtype) -> List[Optional[str]]:
+    """None (the automatic choice) and, with --all-backends, every other backend that can run
+    here for real (the Triton interpreter is a test tool, not a benchmark)."""
+    names: List[Optional[str]] = [None]
+    if args.all_backends:
+        automatic = select(None, device, dtype).name  # already the "bagnet_fast" row
+        for name, entry in backends(device, dtype).items():
+            if entry["available"] and name != automatic and not (name == "triton" and device.type == "cpu"):
+                names.append(name)
+    return names
+
+
+def _fast_costs(model, shape, dtype) -> dict:
+    plan = get_plan(model)
+    return {"backend": plan.backend.name, "costs": _flops.total(_flops.plan_unit_costs(plan, shape, dtype))}
+
+
+def _resnet_implementations(shape, device, dtype) -> Dict[str, dict]:
+    try:
+        import torchvision
+    except ImportError:
+        print("torchvision is not installed: no ResNet-50 rows")
+        return {}
+    resnet = torchvision.models.resnet50().to(device=device, dtype=dtype).eval()
+    resnet_cl = torchvision.models.resnet50().to(device=device, dtype=dtype).eval()
+    resnet_cl = resnet_cl.to(memory_format=torch.channels_last)
+    costs = _flops.total(_flops.reference_layer_costs(resnet, shape, dtype))
+    return {
+        "torchvision resnet50 eager NCHW": {"fn": resnet, "costs": costs},
+        "torchvision resnet50 eager channels-last": {
+            "fn": lambda x: resnet_cl(x.contiguous(memory_format=torch.channels_last)), "costs": costs},
+    }
+
+
+def _row(name, impl, times, batch, peaks) -> dict:
+    seconds = statistics.median(times)
+    flop, moved = impl["costs"]
+    row = {
+        "implementation": name,
+        "seconds_per_batch": seconds,
+        "images_per_second": batch / seconds,
+        "times": times,
+        "flops_per_image": flop / batch,
+        "bytes_per_image": moved / batch,
+        "tflops_per_s": flop / seconds / 1e12,
+        "gbytes_per_s": moved / seconds / 1e9,
+        "percent_of_matmul_peak": 100 * flop / seconds / peaks["matmul_flops_per_s"],
+        "percent_of_copy_bandwidth": 100 * moved / seconds / peaks["copy_bytes_per_s"],
+    }
+    if "backend" in impl:
+        row["backend"] = impl["backend"]
+    return row
+
+
+def _ratios(rows: List[dict], model: str) -> Dict[str, float]:
+    """The comparisons that matter, from the measured rows (absent rows: absent ratios)."""
+    rate = {r["implementation"]: r["images_per_second"] for r in rows}
+    flop = {r["implementation"]: r["flops_per_image"] for r in rows}
+    pairs = {
+        "fast / reference eager NCHW": ("bagnet_fast", "reference eager NCHW"),
+        "fast / reference eager channels-last": ("bagnet_fast", "reference eager channels-last"),
+        "fast / reference torch.compile": ("bagnet_fast", "reference torch.compile"),
+        f"{model} reference NCHW / resnet50 NCHW (paper, bagnet33: 155/570 = 0.27)": (
+            "reference eager NCHW", "torchvision resnet50 eager NCHW"),
+        f"{model} fast / resnet50 channels-last": ("bagnet_fast", "torchvision resnet50 eager channels-last"),
+    }
+    ratios = {label: rate[a] / rate[b] for label, (a, b) in pairs.items() if a in rate and b in rate}
+    resnet = "torchvision resnet50 eager NCHW"
+    if resnet in flop:
+        # What the img/s ratio would be if both networks ran at the same FLOP rate.
+        ratios[f"FLOP ratio resnet50 / {model} reference"] = flop[resnet] / flop["reference eager NCHW"]
+    return ratios
 
 
 def run_bench(args) -> dict:
     device = torch.device(args.device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    dtype = DTYPES[args.dtype]
+    peaks = measure_peaks(device, dtype)
+    print(f"  device limits: matmul {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({args.dtype}), "
+          f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(dtype)
     rows = []
-    impls = _implementations(args, device)
+    impls = _implementations(args, device, dtype)  # outside inference_mode: normal parameters
     with torch.inference_mode():
-        for name, fn in impls.items():
-            times = measure(lambda: fn(x), device, args.warmup, args.repeats)
-            seconds = statistics.median(times)
-            rows.append({"implementation": name, "seconds_per_batch": seconds,
-                         "images_per_second": args.batch / seconds, "times": times})
-            print(f"  {name:45s} {args.batch / seconds:8.2f} img/s", flush=True)
-    by_name = {r["implementation"]: r["images_per_second"] for r in rows}
-    ratios = {"fast / reference eager NCHW": by_name["bagnet_fast"] / by_name["reference eager NCHW"]}
-    if "reference torch.compile" in by_name:
-        ratios["fast / reference torch.compile"] = by_name["bagnet_fast"] / by_name["reference torch.compile"]
-    if "torchvision resnet50 eager channels-last" in by_name:
-        ratios["fast / resnet50 channels-last"] = by_name["bagnet_fast"] / by_name["torchvision resnet50 eager channels-last"]
+        for name, impl in impls.items():
+            fn = impl["fn"]
+            # The first call builds the plan / compiles: users wait for it once, so report it.
+            first = measure(lambda: fn(x), device, 0, 1)[0] if args.warmup > 0 else None
+            times = measure(lambda: fn(x), device, max(args.warmup - 1, 0), args.repeats)
+            if "plan_costs" in impl:
+                impl.update(impl["plan_costs"]())
+            rows.append(_row(name, impl, times, args.batch, peaks))
+            rows[-1]["first_call_seconds"] = first
+            r = rows[-1]
+            print(f"  {name:45s} {r['images_per_second']:9.2f} img/s {r['tflops_per_s']:8.3f} TFLOP/s "
+                  f"({r['percent_of_matmul_peak']:5.1f} % of matmul) {r['gbytes_per_s']:7.1f} GB/s", flush=True)
     return {
         "model": args.model, "batch": args.batch, "size": args.size, "device": str(device),
-        "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-        "rows": rows, "ratios": ratios,
+        "device_name": device_name(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
+        "peaks": peaks, "rows": rows, "ratios": _ratios(rows, args.model),
+        "paper_images_per_second": PAPER_IMAGES_PER_SECOND,
     }
+
+
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo on Linux; platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def check_new_outputs(paths: List[str], overwrite: bool) -> None:
+    """Refuse to replace earlier results unless asked (they may be the only record of a run)."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise SystemExit(f"{', '.join(existing)} exist(s): pass --overwrite or choose another --out")
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then rename: a crash never leaves a half-written result behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, data) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    write_atomically(path, write)
+
+
+def matplotlib_figure(figsize):
+    """A matplotlib Figure without pyplot's global state, or None (with a note) if matplotlib is
+    missing: plots are optional (pip install matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no PNG written (pip install matplotlib)")
+        return None
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def save_png(figure, path: str) -> None:
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def plot_bench(result: dict, path: str) -> bool:
+    rows = result["rows"]
+    figure = matplotlib_figure((8, 0.5 * len(rows) + 1.5))
+    if figure is None:
+        return False
+    ax = figure.add_subplot()
+    names = [r["implementation"] for r in rows]
+    rates = [r["images_per_second"] for r in rows]
+    bars = ax.barh(names[::-1], rates[::-1], color=["C1" if n.startswith("bagnet_fast") else "C0" for n in names[::-1]])
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in rates[::-1]], padding=3)
+    ax.margins(x=0.12)  # room for the value labels
+    ax.set_xlabel("images / s")
+    ax.set_title(f"{result['model']}, batch {result['batch']}, {result['size']}x{result['size']}, "
+                 f"{result['dtype']}, {result['device_name']}", fontsize=9)
+    save_png(figure, path)
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bagnet33", choices=sorted(_models.PATCH_SIZES))
-    parser.add_argument("--batch", type=int, default=8)
+    # Batch 2 at 224 keeps every row in about a minute on a 2-core CPU; on a GPU use e.g. 64.
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow first call)")
+    parser.add_argument("--all-backends", action="store_true",
+                        help="one bagnet_fast row per backend that can run here (default: the automatic choice)")
     parser.add_argument("--no-resnet", dest="resnet", action="store_false", help="skip torchvision ResNet-50")
-    parser.add_argument("--out", default="bench-out", help="folder for bench.json")
+    parser.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace bench.json/bench.png in --out")
+
+
+def check_run_arguments(args) -> None:
+    """The checks shared by ``bench`` and ``profile``: exit with a message naming the option."""
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--batch and --repeats must be >= 1, --warmup >= 0")
+    if args.size < _models.PATCH_SIZES[args.model]:
+        raise SystemExit(f"--size must be >= {_models.PATCH_SIZES[args.model]} for {args.model}")
 
 
 def main(args) -> int:
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--batch and --repeats must be >= 1, --warmup >= 0")
+    check_run_arguments(args)
+    json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
+    check_new_outputs([json_path, png_path], args.overwrite)
     print(f"bench: {args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
-          f"float32, {torch.get_num_threads()} threads")
+          f"{args.dtype}, {torch.get_num_threads()} threads")
     result = run_bench(args)
     for name, value in result["ratios"].items():
         print(f"  {name:45s} {value:8.2f}x")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_json(json_path, result)
+    print(f"wrote {json_path}")
+    if plot_bench(result, png_path):
+        print(f"wrote {png_path}")
     return 0

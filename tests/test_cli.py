@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
+
+HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bagnet_fast", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", "bagnet_fast", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def _strict_json(path):
+    """json.loads that rejects NaN/Infinity (not JSON; other tools choke on them)."""
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def test_info_lists_backends():
@@ -21,16 +36,66 @@ def test_info_lists_backends():
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     result = _run("bench", "--model", "bagnet9", "--batch", "1", "--size", "33", "--warmup", "0",
-                  "--repeats", "1", "--no-resnet", "--out", str(out))
+                  "--repeats", "1", "--all-backends", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "bench.json").read_text())
+    report = _strict_json(out / "bench.json")
     names = [row["implementation"] for row in report["rows"]]
-    assert names == ["reference eager NCHW", "reference eager channels-last", "bagnet_fast"]
-    assert all(row["images_per_second"] > 0 for row in report["rows"])
-    assert report["ratios"]["fast / reference eager NCHW"] > 0
+    assert names[:4] == ["reference eager NCHW", "reference eager channels-last", "bagnet_fast",
+                         "bagnet_fast [torch backend]"]
+    resnet_rows = ["torchvision resnet50 eager NCHW", "torchvision resnet50 eager channels-last"]
+    assert names[4:] == (resnet_rows if HAVE_TORCHVISION else [])
+    assert report["rows"][2]["backend"] == "cpu"
+    for row in report["rows"]:
+        assert row["images_per_second"] > 0 and row["tflops_per_s"] > 0 and row["gbytes_per_s"] > 0
+        assert row["percent_of_matmul_peak"] > 0 and row["percent_of_copy_bandwidth"] > 0
+    assert report["peaks"]["matmul_flops_per_s"] > 0 and report["peaks"]["copy_bytes_per_s"] > 0
+    # Counted FLOPs: the plan's (merged stem, cropped downsamples) are fewer than the reference's.
+    assert report["rows"][2]["flops_per_image"] < report["rows"][0]["flops_per_image"]
+    ratios = report["ratios"]
+    assert ratios["fast / reference eager NCHW"] > 0
+    if HAVE_TORCHVISION:
+        assert ratios["bagnet9 reference NCHW / resnet50 NCHW (paper, bagnet33: 155/570 = 0.27)"] > 0
+        assert 0 < ratios["FLOP ratio resnet50 / bagnet9 reference"] < 1
+    assert (out / "bench.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "wrote" in result.stdout
+
+
+def test_bench_refuses_to_overwrite(tmp_path):
+    (tmp_path / "bench.json").write_text("{}")
+    result = _run("bench", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "--overwrite" in result.stderr
+    assert (tmp_path / "bench.json").read_text() == "{}"
 
 
 def test_bench_rejects_bad_arguments():
     result = _run("bench", "--batch", "0")
     assert result.returncode != 0
     assert "--batch" in result.stderr
+    result = _run("bench", "--model", "bagnet33", "--size", "32")
+    assert result.returncode != 0
+    assert "--size must be >= 33" in result.stderr
+
+
+def test_png_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from bagnet_fast import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    result = {"rows": [{"implementation": "bagnet_fast", "images_per_second": 1.0}], "model": "bagnet9",
+              "batch": 1, "size": 33, "dtype": "float32", "device_name": "cpu"}
+    assert bench.plot_bench(result, str(tmp_path / "bench.png")) is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    from bagnet_fast import bench
+
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        bench.write_atomically(str(tmp_path / "bench.json"), fail)
+    assert list(tmp_path.iterdir()) == []
