@@ -1,15 +1,18 @@
 """Triton kernel of the ``conv_bias_act`` unit: valid k×k conv (k ∈ {1, 3}, stride ∈ {1, 2}) as an
 implicit GEMM on channels-last activations, + bias, optional residual (cropped top-left), optional
-ReLU. Only ``@triton.jit`` code; the launcher is ``bagnet_fast.ops.triton_ops.conv_bias_act``."""
+ReLU. Only ``@triton.jit`` code; the launcher (tile configurations, autotuning) is
+``bagnet_fast.ops.triton_ops.conv_bias_act``."""
 
 import triton
 import triton.language as tl
 
+from .tiles import load_bias, load_tile, pixel_coords, pixel_rows, store_tile
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out"])
 def _conv_bias_act_kernel(
     x_ptr,  # input activations, logical (N, Cin, H, W), any strides (channels-last in practice)
-    w_ptr,  # packed weight (KSIZE, KSIZE, Cin, Cout) contiguous: row (kh*KSIZE + kw)*Cin + ci
+    w_ptr,  # weight: element (tap, ci, co) at tap*stride_wt + ci*stride_wi + co*stride_wo
     b_ptr,  # bias (Cout,)
     r_ptr,  # residual, logical (N, Cout, Hr >= Ho, Wr >= Wo); a dummy pointer if not HAS_RESIDUAL
     y_ptr,  # output, logical (N, Cout, Ho, Wo), any strides (channels-last in practice)
@@ -19,8 +22,10 @@ def _conv_bias_act_kernel(
     h_out,  # Ho = (H - KSIZE) // STRIDE + 1
     w_out,  # Wo = (W - KSIZE) // STRIDE + 1
     stride_xn, stride_xc, stride_xh, stride_xw,  # element strides of x
+    stride_wt, stride_wi, stride_wo,  # element strides of the weight: tap (kh*KSIZE + kw), Cin, Cout
     stride_rn, stride_rc, stride_rh, stride_rw,  # element strides of the residual (ignored if none)
     stride_yn, stride_yc, stride_yh, stride_yw,  # element strides of y
+    m_bucket,  # size class of n_pixels: an autotuning key only, unused here
     KSIZE: tl.constexpr,  # kernel size k (1 or 3)
     STRIDE: tl.constexpr,  # conv stride (1 or 2)
     HAS_RESIDUAL: tl.constexpr,  # add residual[:, :, :Ho, :Wo] before the activation
@@ -40,55 +45,29 @@ def _conv_bias_act_kernel(
     in bounds, so only the ragged pixel/channel edges are masked. Reading the residual at
     (ho, wo) through its own strides is exactly the top-left crop. Accumulation is fp32.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix, mask_m = pixel_rows(tl.program_id(0), BLOCK_M, n_pixels)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < n_pixels
-    mask_n = offs_n < c_out
-
-    # int64 pixel coordinates: N·H·W·C exceeds 2**31 for large batches of 224² images.
-    pix = offs_m.to(tl.int64)
-    wo = pix % w_out
-    ho = (pix // w_out) % h_out
-    n = pix // (w_out * h_out)
+    n, ho, wo = pixel_coords(pix, h_out, w_out)
     # Offset of tap (0, 0) of each output pixel in x.
     x_row = n * stride_xn + (ho * STRIDE) * stride_xh + (wo * STRIDE) * stride_xw
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for kh in tl.static_range(KSIZE):
         for kw in tl.static_range(KSIZE):
             x_tap = x_row + kh * stride_xh + kw * stride_xw
-            w_tap = (kh * KSIZE + kw) * c_in
+            w_tap = w_ptr + (kh * KSIZE + kw) * stride_wt
             for k0 in range(0, c_in, BLOCK_K):
                 ci = k0 + offs_k
-                mask_k = ci < c_in
-                a = tl.load(
-                    x_ptr + x_tap[:, None] + ci[None, :] * stride_xc,
-                    mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0,
-                )
-                b = tl.load(
-                    w_ptr + (w_tap + ci)[:, None] * c_out + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
+                a = load_tile(x_ptr, x_tap, ci, stride_xc, mask_m, c_in)  # [BLOCK_M, BLOCK_K]
+                b = load_tile(w_tap, ci * stride_wi, offs_n, stride_wo, ci < c_in, c_out)  # [BLOCK_K, BLOCK_N]
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask_out = mask_m[:, None] & mask_n[None, :]
+    acc += load_bias(b_ptr, offs_n, c_out)
     if HAS_RESIDUAL:
         r_row = n * stride_rn + ho * stride_rh + wo * stride_rw
-        res = tl.load(r_ptr + r_row[:, None] + offs_n[None, :] * stride_rc, mask=mask_out, other=0.0)
-        acc += res.to(tl.float32)
+        acc += load_tile(r_ptr, r_row, offs_n, stride_rc, mask_m, c_out).to(tl.float32)
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0)
-
     y_row = n * stride_yn + ho * stride_yh + wo * stride_yw
-    tl.store(
-        y_ptr + y_row[:, None] + offs_n[None, :] * stride_yc,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_out,
-    )
+    store_tile(y_ptr, y_row, offs_n, stride_yc, mask_m, c_out, acc)

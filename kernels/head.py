@@ -6,6 +6,8 @@ classes (avg_pool=False, heatmaps). Only ``@triton.jit`` code; the launchers are
 import triton
 import triton.language as tl
 
+from .tiles import add, load_tile, pixel_rows, store_tile
+
 
 @triton.jit
 def _spatial_mean_kernel(
@@ -25,26 +27,20 @@ def _spatial_mean_kernel(
     """
     n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < channels
     offs_p = tl.arange(0, BLOCK_P)
     n_pix = height * width
+    x_image = x_ptr + n * stride_xn
 
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
     for p0 in range(0, n_pix, BLOCK_P):
         pix = p0 + offs_p
-        h = pix // width
-        w = pix % width
-        tile = tl.load(
-            x_ptr + n * stride_xn + (h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
-            mask=(pix < n_pix)[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        acc += tile.to(tl.float32)
-    total = tl.sum(acc, axis=0)
-    tl.store(mean_ptr + n * channels + offs_c, total / n_pix, mask=mask_c)
+        rows = (pix // width) * stride_xh + (pix % width) * stride_xw
+        acc += load_tile(x_image, rows, offs_c, stride_xc, pix < n_pix, channels).to(tl.float32)
+    total = tl.reduce(acc, 0, add)
+    tl.store(mean_ptr + n * channels + offs_c, total / n_pix, mask=offs_c < channels)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pixels"])
 def _patch_logits_kernel(
     x_ptr,  # features as rows (M, C): pixel m = (n, h, w) of a channels-last (N, C, H, W) map
     w_ptr,  # classifier weight (K_all, C), any strides
@@ -66,36 +62,25 @@ def _patch_logits_kernel(
     The class selection is a gather of weight rows inside the GEMM, so asking for a few classes
     reads only their rows and writes only their logits (no index_select copy of W).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix, mask_m = pixel_rows(tl.program_id(0), BLOCK_M, n_pixels)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < n_pixels
     mask_n = offs_n < n_classes
-    rows = offs_m.to(tl.int64)
     cls = tl.load(cls_ptr + offs_n, mask=mask_n, other=0)
+    x_rows = pix * stride_xm
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, channels, BLOCK_K):
         cc = k0 + offs_k
-        mask_k = cc < channels
-        a = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cc[None, :] * stride_xc,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        # B[c, j] = W[cls[j], c]: a transposed gather of the selected weight rows.
+        a = load_tile(x_ptr, x_rows, cc, stride_xc, mask_m, channels)  # [BLOCK_M, BLOCK_K]
+        # B[c, j] = W[cls[j], c]: a transposed gather of the selected weight rows. Masked class
+        # lanes gather row cls = 0 and are dropped by the store mask.
         b = tl.load(
             w_ptr + cc[:, None] * stride_wc + cls[None, :] * stride_wk,
-            mask=mask_k[:, None] & mask_n[None, :],
+            mask=(cc < channels)[:, None],
             other=0.0,
-        )
+        )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc += tl.load(b_ptr + cls, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + rows[:, None] * n_classes + offs_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
+    store_tile(y_ptr, pix * n_classes, offs_n, 1, mask_m, n_classes, acc)

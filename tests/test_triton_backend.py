@@ -21,6 +21,15 @@ from conftest import VARIANTS, make_model, rel_err  # noqa: E402
 TRITON_FP32_RTOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def large_interpreter_tiles(monkeypatch):
+    """The interpreter runs programs one after another, each tile op as a numpy call: large tiles
+    cut the full-model tests several-fold (ragged tiles are the kernel tests' job)."""
+    from bagnet_fast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "INTERPRETER_TILE", triton_ops.Tile(128, 128, 64, 4, 1))
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to another value")
 @pytest.mark.parametrize("name", VARIANTS)
 def test_full_triton_path_matches_reference(name):

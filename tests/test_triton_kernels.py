@@ -1,8 +1,10 @@
 """Triton kernels vs the pure-PyTorch reference, run by the Triton CPU interpreter (no GPU needed).
 
 float32 only: the interpreter has no bf16 dot (it multiplies raw bits) and ignores
-input_precision. Shapes are small but ragged (tile sizes never divide pixel or channel counts)
-and use real BagNet widths where affordable; the whole file runs in seconds.
+input_precision. Shapes are small but ragged (the interpreter's 32×32×32 tile never divides the
+pixel or channel counts) and use real BagNet widths where affordable; the whole file runs in
+about a minute on two cores. With TRITON_INTERPRET=0 on a GPU machine the same tests run on CUDA
+(benchmarks/gpu_check.sh does); tests/test_gpu_models.py adds bf16/fp16 and every GPU tile.
 """
 
 from __future__ import annotations
@@ -122,6 +124,70 @@ def test_pointwise_bottleneck(channels, planes, batch, height, width):
     out = triton_ops.pointwise_bottleneck(x, *params)
     assert out.is_contiguous(memory_format=CL)
     assert_close_rel(out, reference.pointwise_bottleneck(x, *params))
+
+
+@pytest.mark.parametrize("channels,planes", [(80, 20), (512, 128)], ids=["forced", "stage2-fp32"])
+def test_pointwise_bottleneck_split_path(channels, planes, monkeypatch):
+    # Blocks wider than FUSED_MAX_PLANES run as three conv_bias_act GEMMs (BagNet stages 3-4, and
+    # stage 2 in fp32); "forced" lowers the threshold to reach that path at a small width.
+    if channels == 80:
+        monkeypatch.setitem(triton_ops.FUSED_MAX_PLANES, "fp32", 16)
+    torch.manual_seed(8)
+    x = randn_cl(2, channels, 3, 7)
+    params = bottleneck_params(channels, planes)
+    out = triton_ops.pointwise_bottleneck(x, *params)
+    assert out.is_contiguous(memory_format=CL)
+    assert_close_rel(out, reference.pointwise_bottleneck(x, *params))
+
+
+def test_pointwise_bottleneck_fused_at_stage2_width(monkeypatch):
+    # On GPUs bf16/fp16 fuse up to P = 128; the interpreter tests fp32, so lift fp32's limit to
+    # run the fused kernel with P_PAD = 128 here.
+    monkeypatch.setitem(triton_ops.FUSED_MAX_PLANES, "fp32", 128)
+    torch.manual_seed(10)
+    x = randn_cl(1, 512, 5, 9)
+    params = bottleneck_params(512, 128)
+    assert_close_rel(triton_ops.pointwise_bottleneck(x, *params), reference.pointwise_bottleneck(x, *params))
+
+
+def test_pointwise_bottleneck_reads_weights_through_strides():
+    # The launcher passes the conv weights uncopied: a non-contiguous W2 must give the same values.
+    torch.manual_seed(9)
+    x = randn_cl(1, 64, 3, 11)
+    params = bottleneck_params(64, 16)
+    params[2] = params[2].transpose(0, 1).contiguous().transpose(0, 1)  # (P, P, 1, 1), column-major
+    assert not params[2].is_contiguous()
+    assert_close_rel(triton_ops.pointwise_bottleneck(x, *params), reference.pointwise_bottleneck(x, *params))
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def test_every_gpu_tile_is_a_valid_dot_tile():
+    # The GPU candidates never run here: check their shapes without a GPU.
+    for table in (triton_ops.CONV_TILES, triton_ops.POINTWISE_TILES):
+        for tiles in table.values():
+            assert 1 <= len(tiles) <= 6, "a handful of candidates per op and dtype"
+            for tile in tiles:
+                triton_ops._check_dot_tile(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+    with pytest.raises(AssertionError, match="power of two >= 16"):
+        triton_ops._check_dot_tile(BLOCK_K=8)
+
+
+def test_tiles_fit_the_channel_counts():
+    tiles = triton_ops._fit(triton_ops.CONV_TILES["16bit"], n=64, k=3)  # the stem: Cin = 3, Cout = 64
+    assert all(t.block_n <= 64 and t.block_k == 16 for t in tiles)
+    assert len(set(tiles)) == len(tiles)
+    # The fused bottleneck keeps BLOCK_M · P_PAD <= 8192 (two fp32 intermediates in registers).
+    tiles = triton_ops._fit(triton_ops.POINTWISE_TILES["16bit"], 512, 512, max_m=8192 // 128)
+    assert tiles and all(t.block_m <= 64 for t in tiles)
+
+
+def test_fp32_dots_are_exact_unless_tf32_is_asked_for(monkeypatch):
+    monkeypatch.delenv("BAGNET_FAST_TF32", raising=False)
+    assert triton_ops._input_precision(torch.float32) == "ieee"
+    monkeypatch.setenv("BAGNET_FAST_TF32", "1")
+    assert triton_ops._input_precision(torch.float32) == "tf32"
 
 
 # --------------------------------------------------------------------------- head

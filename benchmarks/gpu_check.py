@@ -1,0 +1,453 @@
+"""The GPU check's measurements: img/s of the BagNets (fast, reference, torch.compile) and
+torchvision ResNet-50, the device's measured bf16 matmul peak and copy bandwidth, and the goal
+ratios of issues 3 and 4, as a table printed and written to ``OUT/gpu_check.md`` and
+``OUT/gpu_check.json`` (rewritten after every measurement, so a run cut short keeps what it has).
+
+Run it through the whole check on a GPU machine, from the repository root:
+
+    bash benchmarks/gpu_check.sh RESULTS_DIR      # build, CUDA tests, then this script
+
+or alone: ``python benchmarks/gpu_check.py --out DIR [--budget-s 300]``. ``--dry-run`` runs every
+step on the CPU with tiny shapes (tests/test_gpu_models.py does, to catch errors before the
+one GPU run); its numbers mean nothing and are labelled as such.
+
+Measurements are done in priority order (the issue-3 goals at batch 256 first) and skipped, with
+the reason recorded, once ``--budget-s`` is spent; an OOM or an error in one row never stops the
+others. Timing: CUDA events around each call after warm-up calls (the first call builds the plan,
+autotunes the Triton kernels or compiles, and is reported separately as ``first_call_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import bagnet_fast  # noqa: E402
+
+# Counted FLOPs per 224×224 image (multiply-adds × 2): the reference BagNet-33 and ResNet-50.
+GFLOP_PER_IMAGE_224 = {"bagnet33": 32.52, "resnet50": 8.18}
+GOAL_BATCH = 256
+FAST = "fast"
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> List[float]:
+    """Seconds per call, one CUDA-event pair per call (wall clock on CPU)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark(fn: Callable[[], object], device: torch.device, budget: Budget, target_s: float,
+              min_repeats: int = 3) -> dict:
+    """First call (plan build / autotune / compile), one more warm-up, then enough repeats to
+    fill about target_s (min_repeats to 50)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first = time.perf_counter() - t0
+        warm = time_calls(fn, device, 1)[0]
+        repeats = int(max(min_repeats, min(50, target_s / max(warm, 1e-6))))
+        if budget.left() < repeats * warm + 1:
+            repeats = min_repeats
+        times = time_calls(fn, device, repeats)
+    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(error).lower()
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def run_text(command: List[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as error:  # noqa: BLE001 - reported, never fatal
+        return f"unavailable ({type(error).__name__})"
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git_commit": run_text(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "host_cpu": platform.processor() or platform.machine(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        info["torchvision"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            driver=(run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
+                    or ["unknown"])[0],
+        )
+    else:
+        info.update(gpu=None, driver=None)
+    info["backends"] = {
+        str(dtype).replace("torch.", ""): bagnet_fast.backends(device, dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    return info
+
+
+def device_limits(device: torch.device, tiny: bool) -> dict:
+    """bf16 matmul TFLOP/s (n³ GEMMs) and copy GB/s (read + write bytes over time)."""
+    n = 512 if tiny else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = time_calls(lambda: a @ b, device, 5 if tiny else 20)
+    limits = {"matmul_n": n, "bf16_matmul_tflops": 2 * n**3 / statistics.median(times) / 1e12}
+    numel = (1 << 20) if tiny else (1 << 29)  # 1 GiB of fp16 on the GPU: far past the L2
+    src = torch.empty(numel, device=device, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = time_calls(lambda: dst.copy_(src), device, 5 if tiny else 20)
+    limits["copy_bytes"] = 2 * src.numel() * src.element_size()
+    limits["copy_gbps"] = limits["copy_bytes"] / statistics.median(times) / 1e9
+    del a, b, src, dst
+    return limits
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+def make_bagnet(name: str, device: torch.device, dtype: torch.dtype, channels_last: bool = False):
+    model = getattr(bagnet_fast, name)().eval()
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def implementations(name: str, batch: int, args, device: torch.device) -> List[dict]:
+    """Every row of one (model, batch), most important first. Each row: impl name and a
+    ``setup`` returning the function to time (built lazily so a skipped row costs nothing)."""
+    size = args.image
+    rows: List[dict] = []
+
+    def images(dtype, channels_last=False):
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    if name == "resnet50":
+        import torchvision
+
+        def resnet(dtype, channels_last):
+            def setup():
+                model = torchvision.models.resnet50(weights=None).eval().to(device=device, dtype=dtype)
+                if channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                x = images(dtype, channels_last)
+                return lambda: model(x)
+
+            return setup
+
+        rows.append({"impl": "eager bf16 channels-last", "setup": resnet(torch.bfloat16, True)})
+        rows.append({"impl": "eager fp32", "setup": resnet(torch.float32, False)})
+        return rows
+
+    def fast(dtype, backend):
+        def setup():
+            model = make_bagnet(name, device, dtype)
+            model.backend = backend
+            x = images(dtype)
+            return lambda: model(x)
+
+        return setup
+
+    def graph(dtype):
+        def setup():
+            model = make_bagnet(name, device, dtype)
+            x = images(dtype)
+            runner = bagnet_fast.cuda_graph(model, x)
+            return lambda: runner(x)
+
+        return setup
+
+    def reference(dtype, channels_last, compiled=False):
+        def setup():
+            model = make_bagnet(name, device, dtype, channels_last)
+            x = images(dtype, channels_last)
+            forward = torch.compile(model.reference_forward) if compiled else model.reference_forward
+            return lambda: forward(x)
+
+        return setup
+
+    def backends_for(dtype):
+        return [b for b, entry in bagnet_fast.backends(device, dtype).items() if entry["available"]]
+
+    bf16 = torch.bfloat16
+    for backend in backends_for(bf16):
+        rows.append({"impl": f"{FAST} bf16 [{backend}]", "setup": fast(bf16, backend), "backend": backend})
+    rows.append({"impl": "reference eager fp32 NCHW", "setup": reference(torch.float32, False)})
+    rows.append({"impl": "reference eager bf16 channels-last", "setup": reference(bf16, True)})
+    if not args.no_compile and (name == "bagnet33" or args.compile_all):
+        rows.append({"impl": "reference torch.compile bf16 channels-last", "setup": reference(bf16, True, True),
+                     "compile": True})
+    if hasattr(bagnet_fast, "cuda_graph") and device.type == "cuda":
+        rows.append({"impl": f"{FAST} bf16 cuda_graph [auto]", "setup": graph(bf16)})
+    for backend in backends_for(torch.float32):
+        rows.append({"impl": f"{FAST} fp32 [{backend}]", "setup": fast(torch.float32, backend), "backend": backend})
+    return rows
+
+
+GOAL_ROWS = (
+    ("bagnet33", f"{FAST} bf16 [triton]"),
+    ("bagnet33", f"{FAST} bf16 [cuda]"),
+    ("resnet50", "eager bf16 channels-last"),
+    ("bagnet33", "reference eager fp32 NCHW"),
+    ("bagnet33", "reference eager bf16 channels-last"),
+    ("bagnet33", "reference torch.compile bf16 channels-last"),
+    ("bagnet33", f"{FAST} bf16 cuda_graph [auto]"),
+)
+
+
+def work_list(args, device: torch.device) -> List[tuple]:
+    """(model, batch, row) in measuring order: the rows of the goal ratios at the goal batch
+    first, then everything else at the goal batch, then the smaller batches (largest first)."""
+    batches = sorted(args.batches, reverse=True)
+    goal = GOAL_BATCH if GOAL_BATCH in batches else batches[0]
+    items = []
+    for batch in batches:
+        for name in ("bagnet33", "resnet50", *[m for m in args.models if m != "bagnet33"]):
+            if name != "resnet50" and name not in args.models:
+                continue
+            for row in implementations(name, batch, args, device):
+                if batch == goal and (name, row["impl"]) in GOAL_ROWS:
+                    rank = GOAL_ROWS.index((name, row["impl"]))
+                else:
+                    rank = len(GOAL_ROWS) + (0 if batch == goal else 1 + batches.index(batch))
+                items.append((rank, len(items), name, batch, row))
+    return [(name, batch, row) for _, _, name, batch, row in sorted(items, key=lambda item: item[:2])]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def goal_ratios(rows: List[dict], limits: dict, image: int) -> dict:
+    def ips(model: str, impl: str, batch: int = GOAL_BATCH) -> Optional[float]:
+        for row in rows:
+            if row["model"] == model and row["impl"] == impl and row["batch"] == batch:
+                return row.get("img_per_s")
+        return None
+
+    batches = {row["batch"] for row in rows}
+    batch = GOAL_BATCH if GOAL_BATCH in batches else max(batches, default=GOAL_BATCH)
+    fast_rows = [r for r in rows if r["model"] == "bagnet33" and r["batch"] == batch
+                 and r["impl"].startswith(f"{FAST} bf16") and r.get("img_per_s")]
+    best = max(fast_rows, key=lambda r: r["img_per_s"], default=None)
+    auto = next((r for r in fast_rows if r["impl"] == f"{FAST} bf16 [triton]"), best)
+    goals = {"batch": batch, "fast_bagnet33_bf16": None if best is None else best["impl"]}
+    if best is None:
+        return goals
+    fast_ips = best["img_per_s"]
+
+    def ratio(name: str, other: Optional[float], goal: float) -> None:
+        value = None if not other else fast_ips / other
+        goals[name] = {"ratio": value, "goal": goal, "met": None if value is None else value >= goal}
+
+    ratio("vs resnet50 eager bf16 channels-last", ips("resnet50", "eager bf16 channels-last", batch), 1.0)
+    ratio("vs reference eager fp32 NCHW", ips("bagnet33", "reference eager fp32 NCHW", batch), 5.0)
+    ratio("vs reference torch.compile bf16", ips("bagnet33", "reference torch.compile bf16 channels-last", batch), 1.5)
+    peak = limits.get("bf16_matmul_tflops")
+    if peak and image == 224:
+        fraction = fast_ips * GFLOP_PER_IMAGE_224["bagnet33"] * 1e9 / (peak * 1e12)
+        goals["fraction of bf16 matmul peak"] = {"ratio": fraction, "goal": 0.25, "met": fraction >= 0.25}
+    else:
+        goals["fraction of bf16 matmul peak"] = {"ratio": None, "goal": 0.25, "met": None,
+                                                 "note": "counted FLOPs are for 224×224 images"}
+    if auto is not None and auto is not best:
+        goals["triton backend alone img/s"] = auto["img_per_s"]
+    cuda_ips = ips("bagnet33", f"{FAST} bf16 [cuda]", batch)
+    ref_bf16 = ips("bagnet33", "reference eager bf16 channels-last", batch)
+    goals["issue 4: cuda backend vs reference eager bf16 channels-last"] = {
+        "ratio": cuda_ips / ref_bf16 if cuda_ips and ref_bf16 else None,
+        "goal": 2.0,
+        "met": (cuda_ips / ref_bf16 >= 2.0) if cuda_ips and ref_bf16 else None,
+    }
+    return goals
+
+
+def markdown(result: dict) -> str:
+    env, limits = result["environment"], result["limits"]
+    lines = [
+        f"# GPU check: {env.get('gpu') or env['device']}" + (" (DRY RUN on CPU: numbers meaningless)" if result["dry_run"] else ""),
+        "",
+        f"{env['date_utc']} UTC · driver {env.get('driver')} · torch {env['torch']} (CUDA {env['cuda_runtime']}, "
+        f"cuDNN {env['cudnn']}) · triton {env['triton']} · torchvision {env['torchvision']} · python {env['python']} · "
+        f"commit {env['git_commit']} · images {result['image']}×{result['image']} · cudnn.allow_tf32={env['cudnn_allow_tf32']}",
+        "",
+        f"Device limits: bf16 matmul {limits.get('bf16_matmul_tflops', float('nan')):.1f} TFLOP/s "
+        f"({limits.get('matmul_n')}³), copy {limits.get('copy_gbps', float('nan')):.0f} GB/s (read + write).",
+        "",
+        "| model | batch | implementation | img/s | ms/batch | first call s | TFLOP/s | note |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for row in sorted(result["rows"], key=lambda r: (r["model"], r["batch"], r["order"])):
+        ips = row.get("img_per_s")
+        lines.append(
+            f"| {row['model']} | {row['batch']} | {row['impl']} | "
+            + (f"{ips:.1f} | {row['median_s'] * 1e3:.2f} | {row['first_call_s']:.2f} | " if ips else "– | – | – | ")
+            + (f"{row['tflops']:.1f}" if row.get("tflops") else "–")
+            + f" | {row.get('note', '')} |"
+        )
+    lines += ["", f"## Goals (BagNet-33 at batch {result['goals'].get('batch')}, fast = {result['goals'].get('fast_bagnet33_bf16')})", ""]
+    for name, goal in result["goals"].items():
+        if isinstance(goal, dict):
+            value = goal["ratio"]
+            shown = "not measured" if value is None else (f"{value:.1%}" if "fraction" in name else f"{value:.2f}×")
+            verdict = "" if goal["met"] is None else (" ✅ met" if goal["met"] else " ❌ not met")
+            lines.append(f"- {name}: {shown} (goal ≥ {goal['goal']}){verdict}")
+    lines += ["", f"Stopped early: {result['skipped']} rows skipped for the time budget." if result["skipped"] else ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out: Path) -> None:
+    result["goals"] = goal_ratios(result["rows"], result["limits"], result["image"])
+    try:
+        from bagnet_fast.ops import triton_ops
+
+        result["triton_autotuned"] = triton_ops.autotuned_configs()
+    except Exception:  # noqa: BLE001 - triton missing or not importable here
+        result["triton_autotuned"] = {}
+    for name, text in (("gpu_check.json", json.dumps(result, indent=1, default=str)), ("gpu_check.md", markdown(result))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="results folder (created)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no measurement after this many seconds")
+    parser.add_argument("--batches", default="1,32,256", help="comma-separated batch sizes")
+    parser.add_argument("--models", default="bagnet9,bagnet17,bagnet33")
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--target-s", type=float, default=0.5, help="timed seconds per row (after warm-up)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument("--compile-all", action="store_true", help="torch.compile BagNet-9/17 too")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: a smoke test of this script")
+    args = parser.parse_args(argv)
+    args.min_repeats = 3
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.models = args.models.split(",")
+    if args.dry_run:
+        args.batches, args.image, args.target_s, args.no_compile, args.min_repeats = [2], 40, 0.0, True, 1
+        args.budget_s = min(args.budget_s, 240.0)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --dry-run for a CPU smoke test)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+
+    result = {"dry_run": args.dry_run, "image": args.image, "rows": [], "skipped": 0, "limits": {},
+              "environment": environment(device), "command": " ".join(sys.argv)}
+    print(json.dumps({k: v for k, v in result["environment"].items() if k != "backends"}, default=str), flush=True)
+    try:
+        result["limits"] = device_limits(device, args.dry_run)
+    except Exception as error:  # noqa: BLE001 - reported, never fatal
+        result["limits"] = {"error": repr(error)}
+    print("limits:", result["limits"], flush=True)
+    write_results(result, args.out)
+
+    for order, (name, batch, row) in enumerate(work_list(args, device)):
+        record = {"model": name, "batch": batch, "impl": row["impl"], "order": order}
+        if budget.left() < (60 if row.get("compile") else 5):
+            record["note"] = "skipped: time budget spent"
+            result["skipped"] += 1
+            result["rows"].append(record)
+            continue
+        fn = None
+        try:
+            fn = row["setup"]()
+            record.update(benchmark(fn, device, budget, args.target_s, args.min_repeats))
+            record["img_per_s"] = batch / record["median_s"]
+            gflop = GFLOP_PER_IMAGE_224.get(name)
+            if gflop and args.image == 224:
+                record["tflops"] = record["img_per_s"] * gflop / 1e3
+        except Exception as error:  # noqa: BLE001 - one row's failure never stops the others
+            record["note"] = "OOM" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:200]}"
+            if not is_oom(error):
+                traceback.print_exc()
+        finally:
+            del fn
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["rows"].append(record)
+        print(f"{name:9s} b{batch:<4d} {row['impl']:45s} "
+              + (f"{record['img_per_s']:9.1f} img/s  first {record['first_call_s']:.2f} s"
+                 if record.get("img_per_s") else record.get("note", "")), flush=True)
+        write_results(result, args.out)
+    write_results(result, args.out)
+    print(markdown(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""CUDA parity of the fast BagNets, for every backend that can run on CUDA, in float32, bfloat16
+and float16, and of every candidate Triton tile. Skipped, with the reason, without an NVIDIA GPU.
+
+Run on a GPU machine in a process where the Triton interpreter is off (TRITON_INTERPRET=1 is
+process-wide and fixed when triton is first imported):
+
+    TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_gpu_models.py tests/test_triton_kernels.py
+
+Oracle: the reference forward in float64 on the GPU. Criteria (DESIGN.md, "Precision"):
+- float32: rel_err(fast, oracle) <= max(1e-5, 2 × rel_err(torch fp32 reference, oracle)), TF32
+  off for the torch reference (the Triton kernels' fp32 dots are exact "ieee" products);
+- bfloat16/float16: rel_err(fast, oracle) <= 2 × rel_err(torch reference in that dtype, oracle),
+  the PyTorch error measured here on the same weights and images;
+- top-1: wherever the oracle's top-1 margin exceeds twice the fast model's max error, the fast
+  model picks the same class (a closer call is legitimately decided by rounding).
+
+This module never imports triton at collection: tests/test_triton_kernels.py sets
+TRITON_INTERPRET=1 when it is collected, and a triton imported earlier would not see it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import bagnet_fast
+from conftest import FP32_RTOL, VARIANTS, make_model, rel_err
+
+pytestmark = pytest.mark.cuda
+
+# BAGNET_FAST_GPU_TEST_DEVICE=cpu (with TRITON_INTERPRET=1) runs these tests' own code on the CPU,
+# to check them before their first GPU run; the numbers checked there prove nothing about GPUs.
+DEVICE = os.environ.get("BAGNET_FAST_GPU_TEST_DEVICE", "cuda")
+HAS_CUDA = DEVICE == "cuda" and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(
+    not (HAS_CUDA or DEVICE != "cuda"),
+    reason="no CUDA device here: GPU parity runs on a GPU machine (benchmarks/gpu_check.sh)",
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_BACKENDS = ("triton", "cuda", "torch")
+# Ragged spatial sizes (H' × W' = 5 × 7 patches for BagNet-33) at the real channel widths.
+BATCH, HEIGHT, WIDTH = 3, 65, 81
+
+
+@pytest.fixture(autouse=True)
+def fixed_tiles(monkeypatch):
+    # One tile per op, no benchmarking: parity does not depend on the winner, and tuning every
+    # shape of three dtypes would cost minutes of the GPU check (the benchmark tunes).
+    monkeypatch.setenv("BAGNET_FAST_AUTOTUNE", "0")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Exact fp32 references: cuDNN convolutions default to TF32 on Ampere and later."""
+    if not HAS_CUDA:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def skip_unless_runnable(backend: str, dtype: torch.dtype) -> None:
+    entry = bagnet_fast.backends(DEVICE, dtype)[backend]
+    if not entry["available"]:
+        pytest.skip(f"backend {backend!r} unavailable on {DEVICE}/{dtype}: {entry['reason']}")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and DEVICE == "cuda":
+        pytest.skip("TRITON_INTERPRET=1 in this process: run the CUDA tests with TRITON_INTERPRET=0")
+
+
+_oracles: dict = {}
+
+
+def oracle(name: str, avg_pool: bool):
+    """(model fp32 on CPU, images fp32 on the device, float64 reference logits there), cached."""
+    if (name, avg_pool) not in _oracles:
+        model = make_model(name, avg_pool=avg_pool)
+        generator = torch.Generator().manual_seed(1)
+        x = ((torch.rand(BATCH, 3, HEIGHT, WIDTH, generator=generator) - 0.45) / 0.225).to(DEVICE)
+        reference = copy.deepcopy(model).to(device=DEVICE, dtype=torch.float64)
+        with torch.no_grad():
+            expected = reference.reference_forward(x.double())
+        _oracles[(name, avg_pool)] = model, x, expected
+    return _oracles[(name, avg_pool)]
+
+
+def assert_within_torch_error(actual, torch_out, expected, dtype, what: str) -> None:
+    err = rel_err(actual, expected)
+    torch_err = rel_err(torch_out, expected)
+    bound = max(FP32_RTOL, 2 * torch_err) if dtype == torch.float32 else 2 * torch_err
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e} (torch's own in {dtype}: {torch_err:.3e})"
+
+
+def assert_top1_agrees(actual, expected, what: str) -> None:
+    """Same class over the last dim wherever the oracle's top-1 margin exceeds twice the fast
+    model's max error (a closer call is legitimately decided by rounding)."""
+    logits = expected.reshape(-1, expected.shape[-1])
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (actual.double() - expected).abs().max()
+    agree = actual.reshape(logits.shape).argmax(-1) == logits.argmax(-1)
+    assert bool(agree[clear].all()), f"{what}: top-1 differs on {int((~agree & clear).sum())} clear decisions"
+
+
+@needs_cuda
+@pytest.mark.parametrize("avg_pool", [True, False], ids=["logits", "patches"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_model_on_cuda(name, backend, dtype_name, avg_pool):
+    dtype = DTYPES[dtype_name]
+    skip_unless_runnable(backend, dtype)
+    model, x, expected = oracle(name, avg_pool)
+    fast = copy.deepcopy(model).to(device=DEVICE, dtype=dtype)
+    fast.backend = backend
+    x_lowp = x.to(dtype)
+    with torch.inference_mode():
+        actual = fast(x_lowp)
+        torch_out = fast.reference_forward(x_lowp)
+    assert bagnet_fast.get_plan(fast).backend.name == backend
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    what = f"{name}/{backend}/{dtype_name}"
+    assert_within_torch_error(actual, torch_out, expected, dtype, what)
+    assert_top1_agrees(actual, expected, what)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_cuda_graph_runner(dtype_name):
+    if not hasattr(bagnet_fast, "cuda_graph"):
+        pytest.skip("bagnet_fast.cuda_graph is not implemented in this checkout")
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    dtype = DTYPES[dtype_name]
+    model, x, _ = oracle("bagnet33", True)
+    fast = copy.deepcopy(model).to(device=DEVICE, dtype=dtype)
+    x = x.to(dtype)
+    runner = bagnet_fast.cuda_graph(fast, x)
+    with torch.inference_mode():
+        eager = fast(x)
+        x2 = x.flip(-1).contiguous()
+        eager2 = fast(x2)
+    assert rel_err(runner(x), eager) <= 1e-6
+    assert rel_err(runner(x2), eager2) <= 1e-6, "the graph replay did not read the new input"
+
+
+# --------------------------------------------------------------------------- every candidate tile
+
+# (op, shape) cases: BagNet widths, ragged pixel counts. conv: (Cin, Cout, k, stride, residual
+# crop); pointwise: (C, P).
+CONV_CASES = [(128, 128, 3, 1, None), (256, 256, 3, 2, None), (512, 2048, 1, 1, (0, 0)), (1024, 512, 1, 1, (2, 3))]
+POINTWISE_CASES = [(256, 64), (512, 128), (1024, 256)]
+MAX_TILES = 5
+
+
+def assert_op_close(out, out_torch, expected, dtype, what: str) -> None:
+    if dtype == torch.float32:
+        err = rel_err(out, expected)
+        assert err <= FP32_RTOL, f"{what}: fp32 relative error {err:.3e} > {FP32_RTOL:.0e}"
+    else:
+        assert_within_torch_error(out, out_torch, expected, dtype, what)
+
+
+def _tile_or_skip(table_name: str, index: int, dtype: torch.dtype):
+    skip_unless_runnable("triton", dtype)
+    from bagnet_fast.ops import triton_ops
+
+    tiles = getattr(triton_ops, table_name)[triton_ops._dtype_class(dtype)]
+    if index >= len(tiles):
+        pytest.skip(f"{table_name} has {len(tiles)} candidates for {dtype}")
+    return triton_ops, tiles[index]
+
+
+@needs_cuda
+@pytest.mark.parametrize("index", range(MAX_TILES))
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_every_conv_tile(dtype_name, index):
+    """Each candidate compiles (tile sizes, shared memory) and computes the same: the autotuner
+    would silently drop a failing one, so this is where a broken candidate shows."""
+    dtype = DTYPES[dtype_name]
+    triton_ops, tile = _tile_or_skip("CONV_TILES", index, dtype)
+    from bagnet_fast.ops import reference
+
+    torch.manual_seed(index)
+    for c_in, c_out, k, stride, crop in CONV_CASES:
+        x = torch.randn(2, c_in, 13, 11, device=DEVICE).to(memory_format=torch.channels_last)
+        weight = torch.randn(c_out, c_in, k, k, device=DEVICE) * (2 / (c_in * k * k)) ** 0.5
+        bias = torch.randn(c_out, device=DEVICE) * 0.1
+        h, w = (13 - k) // stride + 1, (11 - k) // stride + 1
+        residual = None if crop is None else torch.randn(2, c_out, h + crop[0], w + crop[1], device=DEVICE)
+        expected = reference.conv_bias_act(x.double(), weight.double(), bias.double(), stride,
+                                           residual=None if residual is None else residual.double())
+        lowp = [t if t is None else t.to(dtype) for t in (x, weight, bias, residual)]
+        with triton_ops.force_tile("conv", tile):
+            out = triton_ops.conv_bias_act(lowp[0], lowp[1], lowp[2], stride, residual=lowp[3])
+        out_torch = reference.conv_bias_act(lowp[0], lowp[1], lowp[2], stride, residual=lowp[3])
+        assert_op_close(out, out_torch, expected, dtype, f"conv {c_in}->{c_out} k{k} s{stride} {tile}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("index", range(MAX_TILES))
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
+def test_every_pointwise_tile(dtype_name, index):
+    dtype = DTYPES[dtype_name]
+    triton_ops, tile = _tile_or_skip("POINTWISE_TILES", index, dtype)
+    from bagnet_fast.ops import reference
+
+    torch.manual_seed(index)
+    for channels, planes in POINTWISE_CASES:
+        x = torch.randn(2, channels, 9, 13, device=DEVICE).to(memory_format=torch.channels_last)
+        params = []
+        for c_out, c_in in ((planes, channels), (planes, planes), (channels, planes)):
+            params += [torch.randn(c_out, c_in, 1, 1, device=DEVICE) * (1 / c_in) ** 0.5,
+                       torch.randn(c_out, device=DEVICE) * 0.1]
+        expected = reference.pointwise_bottleneck(x.double(), *(p.double() for p in params))
+        lowp = [t.to(dtype) for t in [x, *params]]
+        with triton_ops.force_tile("pointwise", tile):
+            out = triton_ops.pointwise_bottleneck(*lowp)
+        out_torch = reference.pointwise_bottleneck(*lowp)
+        assert_op_close(out, out_torch, expected, dtype, f"pointwise C={channels} P={planes} {tile}")
+
+
+@needs_cuda
+def test_autotuned_forward_matches_fixed_tiles(monkeypatch):
+    """With autotuning on (what users get), the winners compute what the fixed tiles compute."""
+    skip_unless_runnable("triton", torch.bfloat16)
+    model, x, expected = oracle("bagnet17", True)
+    fast = copy.deepcopy(model).to(device=DEVICE, dtype=torch.bfloat16)
+    fast.backend = "triton"
+    with torch.inference_mode():
+        fixed = fast(x.bfloat16())
+        monkeypatch.setenv("BAGNET_FAST_AUTOTUNE", "1")
+        tuned = fast(x.bfloat16())
+    assert rel_err(tuned.float(), expected) <= 2 * rel_err(fixed.float(), expected) + 1e-3
+
+
+# --------------------------------------------------------------------------- without a GPU
+
+
+def test_kernels_compile_for_hopper():
+    """The first candidate tile of each GEMM kernel compiles for sm_90 (ahead of time, no GPU):
+    the interpreter accepts code the GPU compiler rejects, and this catches it in CI."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_compile_check.py"), "--quick", "--dtypes", "bf16"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
+    )
+    if "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("triton's bundled ptxas is missing")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(": ok") >= 3, result.stdout
+
+
+# --------------------------------------------------------------------------- the GPU check script
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py end to end on CPU with tiny shapes: catches API and syntax errors
+    before the script's one run on a GPU machine."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["rows"], "no measurement rows"
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# ")
+    measured = {(r["model"], r["impl"]) for r in data["rows"] if r.get("img_per_s")}
+    assert ("bagnet33", "reference eager fp32 NCHW") in measured
+    assert any(impl.startswith("fast bf16") or impl.startswith("fast fp32") for _, impl in measured)
+    assert "goals" in data
