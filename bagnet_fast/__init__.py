@@ -7,6 +7,7 @@ forward runs a fused inference plan (C++/oneDNN on CPU, Triton/CUDA on GPUs).
 
 from .accelerate import accelerate, bagnet_from_state_dict
 from .executors import backends
+from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
 from .plan import build_plan, get_plan, receptive_field
@@ -28,8 +29,14 @@ __all__ = [
     "bagnet_from_state_dict",
     "build_plan",
     "cuda_graph",
+    "dense_heatmap",
     "get_plan",
     "heatmap_padding",
+    "mask_patches",
+    "masking_experiment",
+    "patch_features",
+    "patch_logits",
     "preprocess",
     "receptive_field",
+    "top_patches",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bagnet_fast {bench,profile,info}``."""
+"""Command line: ``python -m bagnet_fast {bench,profile,heatmap,info}``."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bagnet_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import bench, profile
+    from . import bench, heatmap_cli, profile
 
     bench.add_arguments(commands.add_parser("bench", help="images/s: reference vs fast vs ResNet-50"))
     profile.add_arguments(commands.add_parser(
         "profile", help="per-layer/per-unit time, FLOPs, bytes and roofline: reference vs fast vs ResNet-50"))
+    heatmap_cli.add_arguments(commands.add_parser(
+        "heatmap", help="explain images: heatmaps, top patches, PNG overlays (resumable, torchrun)",
+        description=heatmap_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     commands.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
     if args.command == "profile":
         return profile.main(args)
+    if args.command == "heatmap":
+        return heatmap_cli.main(args)
     return _info()
 
 

@@ -1,0 +1,123 @@
+"""``python -m bagnet_fast heatmap``, run as a user would: a folder of generated images with a
+corrupt file, resuming, overwriting, bad arguments, and two data-parallel ranks under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+
+from bagnet_fast.explain import dense_heatmap, patch_logits
+from bagnet_fast.preprocess import preprocess
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+SIZES = {"a.png": (40, 50), "b.jpg": (40, 50), "sub/c.png": (37, 33)}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heatmap")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (height, width) in SIZES.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images / name)
+    (images / "broken.jpg").write_bytes(b"this is not a JPEG")
+    model = make_model("bagnet9", num_classes=10)
+    torch.save(model.state_dict(), root / "bagnet9.pth")
+    return root
+
+
+def _run(*args, launcher=None):
+    command = launcher or [sys.executable, "-m", "bagnet_fast"]
+    return subprocess.run([*command, "heatmap", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_folder_with_a_corrupt_file(workspace):
+    out = workspace / "out-dense"
+    result = _run(workspace / "images", "--model", "bagnet9", "--weights", workspace / "bagnet9.pth",
+                  "--top", "2", "--dense", "--out", out)
+    assert result.returncode == 1, result.stderr  # one image failed
+    assert "cannot read image" in result.stderr and "broken.jpg" in result.stderr
+    assert "3 image(s) explained, 0 already done, 1 failed" in result.stdout
+    assert not list(out.rglob("*.tmp"))
+    model = make_model("bagnet9", num_classes=10)
+    for name, (height, width) in SIZES.items():
+        summary = json.loads((out / f"{name}.json").read_text())
+        assert summary["size"] == [height, width] and summary["patch_size"] == 9
+        assert len(summary["top_classes"]) == 5 and len(summary["explained"]) == 2
+        pixels = torch.from_numpy(np.array(Image.open(workspace / "images" / name).convert("RGB")))
+        image = preprocess(pixels.unsqueeze(0), layout="NHWC")
+        for entry, top in zip(summary["explained"], summary["top_classes"]):
+            assert entry["class"] == top["class"] and entry["kind"] == "dense"
+            evidence = np.load(out / name.rsplit("/", 1)[0] / entry["map"] if "/" in name else out / entry["map"])
+            assert evidence.shape == (height, width)
+            expected = dense_heatmap(model, image, entry["class"])[0].numpy()
+            np.testing.assert_allclose(evidence, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+            # Up to --patches 5, non-overlapping (9x9 patches 8 pixels apart: every other position).
+            assert 1 <= len(entry["most_indicative"]) <= 5 and 1 <= len(entry["least_indicative"]) <= 5
+            png = Image.open((out / name).parent / entry["png"])
+            assert png.format == "PNG"
+
+
+def test_resume_and_overwrite(workspace):
+    out = workspace / "out-patch"
+    first = _run(workspace / "images" / "sub", "--model", "bagnet9", "--weights", workspace / "bagnet9.pth",
+                 "--class", "3", "--no-plot", "--out", out)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((out / "c.png.json").read_text())
+    (entry,) = summary["explained"]
+    assert entry["class"] == 3 and entry["kind"] == "patch" and "png" not in entry
+    evidence = np.load(out / entry["map"])
+    pixels = torch.from_numpy(np.array(Image.open(workspace / "images" / "sub" / "c.png")))
+    expected = patch_logits(make_model("bagnet9", num_classes=10), preprocess(pixels.unsqueeze(0), layout="NHWC"))
+    np.testing.assert_allclose(evidence, expected.values[0, ..., 3].numpy(), rtol=0, atol=1e-5 * 50)
+    stamp = (out / "c.png.json").stat().st_mtime_ns
+    again = _run(workspace / "images" / "sub", "--model", "bagnet9", "--weights", workspace / "bagnet9.pth",
+                 "--class", "3", "--no-plot", "--out", out)
+    assert again.returncode == 0 and "0 image(s) explained, 1 already done" in again.stdout
+    assert (out / "c.png.json").stat().st_mtime_ns == stamp
+    (out / entry["map"]).unlink()  # an output missing: the image is done again
+    redo = _run(workspace / "images" / "sub", "--model", "bagnet9", "--weights", workspace / "bagnet9.pth",
+                "--class", "3", "--no-plot", "--out", out)
+    assert "1 image(s) explained" in redo.stdout and (out / entry["map"]).exists()
+    forced = _run(workspace / "images" / "sub", "--model", "bagnet9", "--weights", workspace / "bagnet9.pth",
+                  "--class", "3", "--no-plot", "--overwrite", "--out", out)
+    assert forced.returncode == 0 and "1 image(s) explained, 0 already done" in forced.stdout
+
+
+def test_bad_arguments(workspace):
+    images, weights = workspace / "images" / "sub", workspace / "bagnet9.pth"
+    result = _run(images, "--model", "bagnet9", "--weights", weights, "--class", "10", "--out", workspace / "x")
+    assert result.returncode != 0 and "--class must be in [0, 10)" in result.stderr
+    result = _run(images, "--model", "bagnet33", "--weights", weights, "--out", workspace / "x")
+    assert result.returncode != 0 and "patch size 9" in result.stderr
+    result = _run(images, "--model", "bagnet9", "--weights", workspace / "missing.pth", "--out", workspace / "x")
+    assert result.returncode != 0 and "not found" in result.stderr
+    result = _run(workspace / "nowhere", "--model", "bagnet9", "--weights", weights, "--out", workspace / "x")
+    assert result.returncode != 0 and "no such image or folder" in result.stderr
+    result = _run(images, "--model", "bagnet9", "--out", workspace / "x")  # no weights chosen
+    assert result.returncode != 0 and "--weights" in result.stderr
+
+
+def test_torchrun_two_ranks_share_the_folder(workspace):
+    images = workspace / "images-ok"
+    images.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (images / name).write_bytes((workspace / "images" / name).read_bytes())
+    (images / "c.png").write_bytes((workspace / "images" / "sub" / "c.png").read_bytes())
+    out = workspace / "out-ranks"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bagnet_fast"]
+    result = _run(images, "--model", "bagnet9", "--weights", workspace / "bagnet9.pth", "--no-plot",
+                  "--out", out, launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    assert "3 image(s) explained, 0 already done, 0 failed" in result.stdout  # totals over both ranks
+    assert sorted(p.name for p in out.glob("*.json")) == ["a.png.json", "b.jpg.json", "c.png.json"]
