@@ -98,22 +98,29 @@ class CpuBackend(Backend):
     def __init__(self) -> None:
         self._mkldnn = torch.ops.mkldnn
 
+    # Which weight form oneDNN runs fastest depends on the layer (measured, BagNet-33 224x224,
+    # 2-core Zen 5, per block, batch 1 / batch 8):
+    # - the 3x3 blocks (stem and each stage's block 0): plain weights, equal or faster everywhere
+    #   (layer4.0: 18 vs 79 ms at batch 1, 140 vs 197 ms at batch 8);
+    # - the fused 1x1 blocks: oneDNN's blocked (prepacked) layout from 2,916 output pixels up
+    #   (layer1 at batch 8: 53 vs 273 ms), plain weights at 676 pixels and below (layer4 at
+    #   batch 1: 9.7 vs 41.6 ms). Prepacked here means packed without the input size (one form
+    #   for every size), which oneDNN handles badly on small maps.
+    POINTWISE_PREPACKED_MIN_PIXELS = 2048
+
     def _pack(self, unit) -> None:
-        # oneDNN's blocked weight layout, computed once (reordering per call cost 6 % of a
-        # BagNet-33 forward). The packed form is valid for any input size.
         unit.prepared["onednn"] = self._mkldnn._reorder_convolution_weight(
             unit.weight, [0, 0], [unit.stride, unit.stride], [1, 1], 1, None
         )
 
     def prepare(self, plan) -> None:
-        self._pack(plan.stem)
         for block in plan.blocks:
-            for unit in (block.conv1, block.conv2, block.conv3, block.downsample):
-                if unit is not None:
+            if block.is_pointwise:
+                for unit in (block.conv1, block.conv2, block.conv3):
                     self._pack(unit)
 
     def conv(self, unit, x, stride, relu=True, residual=None):
-        weight = unit.prepared["onednn"]
+        weight = unit.weight  # plain: see above
         stride = [stride, stride]
         if residual is None:
             return self._mkldnn._convolution_pointwise(
@@ -128,11 +135,11 @@ class CpuBackend(Backend):
 
     def pointwise(self, unit, x):
         # In place: x is an activation the plan owns (the stem's or a block's output).
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        form = "onednn" if pixels >= self.POINTWISE_PREPACKED_MIN_PIXELS else None
         c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
-        torch.ops.bagnet_fast.pointwise_bottleneck_(
-            x, c1.prepared["onednn"], c1.bias, c2.prepared["onednn"], c2.bias,
-            c3.prepared["onednn"], c3.bias,
-        )
+        w1, w2, w3 = (c.prepared[form] if form else c.weight for c in (c1, c2, c3))
+        torch.ops.bagnet_fast.pointwise_bottleneck_(x, w1, c1.bias, w2, c2.bias, w3, c3.bias)
         return x
 
     def _dense(self, x):

@@ -184,7 +184,9 @@ def test_masking_experiment_matches_a_manual_computation(models):
     loader = [(images[:2], labels[:2]), (images[2:], labels[2:])]
     batched = explain.masking_experiment(bagnet, {"other": other}, loader, k=2)
     for name in result:
-        assert batched[name] == pytest.approx(result[name], rel=1e-5)
+        # Other batch sizes run other oneDNN kernels (other rounding), and the logit drop is a
+        # difference of two logits: its relative error is larger than theirs (1e-5). Measured 1e-5.
+        assert batched[name] == pytest.approx(result[name], rel=1e-4)
 
 
 def test_clear_errors(models):
