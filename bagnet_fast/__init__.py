@@ -11,7 +11,7 @@ from .explain import dense_heatmap, mask_patches, masking_experiment, patch_feat
 from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
 from .plan import build_plan, get_plan, receptive_field
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, heatmap_padding, preprocess
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, heatmap_padding, preprocess
 
 __version__ = "0.1.0"
 

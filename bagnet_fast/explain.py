@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .plan import InferencePlan, check_input, check_model_input_match, get_plan
-from .preprocess import heatmap_padding
+from .preprocessing import heatmap_padding
 
 __all__ = [
     "PatchMap",

@@ -89,7 +89,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 def _normalise(images: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> the authors' preprocessing: RGB/255, ImageNet mean/std, (N, 3, H, W)."""
-    from .preprocess import preprocess  # the fused op: one read, one write
+    from .preprocessing import preprocess  # the fused op: one read, one write
 
     return preprocess(images.to(device), dtype=dtype, layout="NHWC")
 

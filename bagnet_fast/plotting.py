@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["denormalize", "image_edges", "plot_heatmap", "save_heatmap_png"]
 

@@ -13,7 +13,7 @@ import torch
 from conftest import make_model
 
 from bagnet_fast.explain import dense_heatmap, patch_logits
-from bagnet_fast.preprocess import preprocess
+from bagnet_fast import preprocess
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")

@@ -12,8 +12,8 @@ import bagnet_fast
 from bagnet_fast import _extension
 from bagnet_fast.ops import reference as ref
 
-# The module (bagnet_fast.preprocess the attribute is the function it defines).
-preprocess_module = importlib.import_module("bagnet_fast.preprocess")
+# The module that defines bagnet_fast.preprocess (the function).
+preprocess_module = importlib.import_module("bagnet_fast.preprocessing")
 ops = torch.ops.bagnet_fast
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run benchmarks/gpu_check.sh)")
