@@ -53,3 +53,16 @@ def test_triton_backend_report_on_cpu():
     entry = bagnet_fast.backends("cpu")["triton"]
     assert entry["available"] is True and "TRITON_INTERPRET" in entry["reason"]
     assert bagnet_fast.backends("cpu", torch.float16)["triton"]["available"] is False
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to another value")
+def test_dense_heatmap_through_triton_matches_the_cpu_backend():
+    """Shift-and-stitch feeds the kernels phase-stacked batches of views: the GPU path's inputs."""
+    model = make_model("bagnet9", num_classes=20)
+    x = torch.randn(2, 3, 11, 13)
+    targets = torch.tensor([[3, 7], [19, 0]])
+    expected = bagnet_fast.dense_heatmap(model, x, targets)  # cpu backend
+    model.backend = "triton"
+    actual = bagnet_fast.dense_heatmap(model, x, targets)
+    assert bagnet_fast.get_plan(model).backend.name == "triton"
+    assert rel_err(actual, expected) <= TRITON_FP32_RTOL
