@@ -66,6 +66,10 @@ class Backend:
     def spatial_mean_linear(self, x, weight, bias) -> torch.Tensor:
         return ref.spatial_mean_linear(x, weight, bias)
 
+    def block_mean_linear(self, unit, x, weight, bias) -> torch.Tensor:
+        """The last block and the avg_pool=True head; backends that can fuse them override it."""
+        return self.spatial_mean_linear(self.block(unit, x), weight, bias)
+
     def patch_logits(self, x, weight, bias, classes=None) -> torch.Tensor:
         return ref.patch_logits(x, weight, bias, classes)
 
@@ -169,6 +173,15 @@ class TritonBackend(Backend):
 
     def spatial_mean_linear(self, x, weight, bias):
         return self._ops.spatial_mean_linear(x, weight, bias)
+
+    def block_mean_linear(self, unit, x, weight, bias):
+        # A 1x1-only last block (all BagNets) adds its output into the means in the last GEMM's
+        # epilogue: the widest map of the network (N, 2048, H', W') is never written.
+        if not unit.is_pointwise:
+            return super().block_mean_linear(unit, x, weight, bias)
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        mean = self._ops.pointwise_bottleneck_mean(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+        return self._ops.mean_linear(mean, weight, bias, x.dtype)
 
     def patch_logits(self, x, weight, bias, classes=None):
         return self._ops.patch_logits(x, weight, bias, classes)

@@ -85,19 +85,21 @@ class InferencePlan:
     def dtype(self) -> torch.dtype:
         return self.fc_weight.dtype
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images -> (N, 2048, H', W') features in channels-last memory."""
+    def features(self, x: torch.Tensor, blocks: Optional[int] = None) -> torch.Tensor:
+        """(N, 3, H, W) images -> (N, 2048, H', W') features in channels-last memory (the output
+        of the first ``blocks`` blocks if given)."""
         backend = self.backend
         x = backend.stem(self.stem, x.contiguous(memory_format=torch.channels_last))
-        for block in self.blocks:
+        for block in self.blocks[:blocks]:
             x = backend.block(block, x)
         return x
 
     def run(self, x: torch.Tensor, avg_pool: bool = True) -> torch.Tensor:
         """Logits (N, K) with avg_pool, else per-patch logits (N, H', W', K)."""
+        if avg_pool:  # the last block and the head together: a backend may fuse them
+            x = self.features(x, blocks=len(self.blocks) - 1)
+            return self.backend.block_mean_linear(self.blocks[-1], x, self.fc_weight, self.fc_bias)
         features = self.features(x)
-        if avg_pool:
-            return self.backend.spatial_mean_linear(features, self.fc_weight, self.fc_bias)
         return self.backend.patch_logits(features, self.fc_weight, self.fc_bias, None)
 
 

@@ -152,6 +152,10 @@ class UnitTimer(_Ranges):
         backend.stem = timed(lambda: "stem", backend.stem)
         backend.block = timed(next_block, backend.block)
         backend.spatial_mean_linear = timed(lambda: "head", backend.spatial_mean_linear)
+        # A backend may fuse the last block with the head (Triton); the profile times them as the
+        # separate units its FLOP/byte rows describe.
+        backend.block_mean_linear = lambda unit, x, weight, bias: backend.spatial_mean_linear(
+            backend.block(unit, x), weight, bias)
 
     def new_pass(self) -> None:
         self._block_index = 0

@@ -38,6 +38,9 @@ UNIT_STRIDES = {"stride_xc", "stride_yc", "stride_rc", "stride_wo", "stride_w1i"
 NOT_DIVISIBLE = {"n_pixels", "h_out", "w_out", "m_bucket", "stride_wt"}
 
 
+FLOAT_ARGS = {"inv_image_pixels"}
+
+
 def signature(kernel, dtype: str, constexprs: dict):
     """(signature, attrs) of ``kernel`` for an ahead-of-time compile, as the JIT would specialize."""
     sig, attrs = {}, {}
@@ -45,7 +48,11 @@ def signature(kernel, dtype: str, constexprs: dict):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        sig[name] = "*" + dtype if name.endswith("_ptr") else "i64" if name in INT64_ARGS else "i32"
+        if name.endswith("_ptr"):
+            # MEAN_OUTPUT: y is the fp32 (N, C) means whatever the activations' dtype.
+            sig[name] = "*fp32" if name == "y_ptr" and constexprs.get("MEAN_OUTPUT") else "*" + dtype
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i64" if name in INT64_ARGS else "i32"
         if name not in NOT_DIVISIBLE:
             attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, attrs
@@ -94,9 +101,10 @@ def main() -> int:
         precision = "ieee" if dtype == "fp32" else "tf32"
         jobs = []
         for tile in triton_ops.CONV_TILES[dclass][: 1 if args.quick else None]:
-            for k, stride, residual in ((3, 1, False), (1, 1, True)):
-                consts = dict(KSIZE=k, STRIDE=stride, HAS_RESIDUAL=residual, APPLY_RELU=True, INPUT_PRECISION=precision)
-                jobs.append((f"conv {dtype} k{k} s{stride} res={residual} {tile}", conv, consts, tile))
+            for k, stride, residual, mean in ((3, 1, False, False), (1, 1, True, False), (1, 1, True, True)):
+                consts = dict(KSIZE=k, STRIDE=stride, HAS_RESIDUAL=residual, APPLY_RELU=True,
+                              MEAN_OUTPUT=mean, INPUT_PRECISION=precision)
+                jobs.append((f"conv {dtype} k{k} s{stride} res={residual} mean={mean} {tile}", conv, consts, tile))
         for p_pad in (p for p in (64, 128) if p <= triton_ops.FUSED_MAX_PLANES[dclass]):
             tiles = triton_ops._fit(triton_ops.POINTWISE_TILES[dclass], 4 * p_pad, 4 * p_pad,
                                     triton_ops._POINTWISE_MAX_INTERMEDIATE // p_pad)

@@ -1,12 +1,14 @@
 """Triton kernel of the ``conv_bias_act`` unit: valid k×k conv (k ∈ {1, 3}, stride ∈ {1, 2}) as an
 implicit GEMM on channels-last activations, + bias, optional residual (cropped top-left), optional
-ReLU. Only ``@triton.jit`` code; the launcher (tile configurations, autotuning) is
-``bagnet_fast.ops.triton_ops.conv_bias_act``."""
+ReLU; with MEAN_OUTPUT the per-image spatial mean of the result instead of the result (the last
+block's conv3 fused with the head of avg_pool=True: the widest map is never written). Only
+``@triton.jit`` code; the launchers (tile configurations, autotuning) are
+``bagnet_fast.ops.triton_ops.conv_bias_act`` and ``.pointwise_bottleneck_mean``."""
 
 import triton
 import triton.language as tl
 
-from .tiles import load_bias, load_tile, pixel_coords, pixel_rows, store_tile
+from .tiles import add, load_bias, load_tile, pixel_coords, pixel_rows, store_tile
 
 
 @triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out"])
@@ -26,10 +28,12 @@ def _conv_bias_act_kernel(
     stride_rn, stride_rc, stride_rh, stride_rw,  # element strides of the residual (ignored if none)
     stride_yn, stride_yc, stride_yh, stride_yw,  # element strides of y
     m_bucket,  # size class of n_pixels: an autotuning key only, unused here
+    inv_image_pixels,  # 1 / (Ho * Wo), for MEAN_OUTPUT
     KSIZE: tl.constexpr,  # kernel size k (1 or 3)
     STRIDE: tl.constexpr,  # conv stride (1 or 2)
     HAS_RESIDUAL: tl.constexpr,  # add residual[:, :, :Ho, :Wo] before the activation
     APPLY_RELU: tl.constexpr,  # apply max(., 0) last
+    MEAN_OUTPUT: tl.constexpr,  # y_ptr is a zeroed fp32 (N, Cout): add each image's spatial mean
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 exact on GPUs (no tf32)
     BLOCK_M: tl.constexpr,  # output pixels per program (>= 16, power of two)
     BLOCK_N: tl.constexpr,  # output channels per program (>= 16, power of two)
@@ -69,5 +73,17 @@ def _conv_bias_act_kernel(
         acc += load_tile(r_ptr, r_row, offs_n, stride_rc, mask_m, c_out).to(tl.float32)
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0)
-    y_row = n * stride_yn + ho * stride_yh + wo * stride_yw
-    store_tile(y_ptr, y_row, offs_n, stride_yc, mask_m, c_out, acc)
+    if MEAN_OUTPUT:
+        # The head of avg_pool=True without writing the map: the rows of this tile (pixels of
+        # images first..last) are summed per image on chip, then one atomic add per (image,
+        # channel) into the (N, Cout) means.
+        acc = tl.where(mask_m[:, None], acc, 0.0) * inv_image_pixels
+        image_pixels = h_out * w_out
+        first_row = tl.program_id(0).to(tl.int64) * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, n_pixels) - 1
+        for image in range(first_row // image_pixels, last_row // image_pixels + 1):
+            part = tl.reduce(tl.where((n == image)[:, None], acc, 0.0), 0, add)
+            tl.atomic_add(y_ptr + image * c_out + offs_n, part, mask=offs_n < c_out)
+    else:
+        y_row = n * stride_yn + ho * stride_yh + wo * stride_yw
+        store_tile(y_ptr, y_row, offs_n, stride_yc, mask_m, c_out, acc)

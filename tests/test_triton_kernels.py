@@ -248,3 +248,18 @@ def test_conv_bias_act_opcheck(check):
         (x, weight, bias, 1, True, residual),
         test_utils=(check,),
     )
+
+
+@pytest.mark.parametrize("batch, height, width", [(1, 5, 7), (3, 4, 5), (2, 13, 11)])
+def test_pointwise_bottleneck_mean_never_writes_the_map(batch, height, width):
+    """The last block + the head's mean: wide blocks add into the means in the last GEMM's
+    epilogue; tiles that span several images (4x5 pixels per image) are summed per image."""
+    torch.manual_seed(batch * 100 + height)
+    channels, planes = 96, 80  # padded to 128 planes: wider than the fp32 fused kernel's 64
+    x = torch.randn(batch, channels, height, width, device=DEVICE).contiguous(memory_format=CL)
+    w1, w2, w3 = (torch.randn(o, i, 1, 1, device=DEVICE) / i**0.5 for o, i in
+                  ((planes, channels), (planes, planes), (channels, planes)))
+    b1, b2, b3 = (torch.randn(n, device=DEVICE) * 0.1 for n in (planes, planes, channels))
+    expected = reference.pointwise_bottleneck(x, w1, b1, w2, b2, w3, b3).mean(dim=(2, 3))
+    actual = triton_ops.pointwise_bottleneck_mean(x, w1, b1, w2, b2, w3, b3)
+    assert_close_rel(actual, expected)

@@ -210,10 +210,11 @@ def _quick_bench(kernel_call: Callable[[], None], quantiles) -> object:
 _tuners: Dict[Tuple[int, Tuple[Tile, ...], Tuple[str, ...]], object] = {}
 
 
-def _autotuned(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...]):
+def _autotuned(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...], reset: Tuple[str, ...] = ()):
     """``kernel`` under triton.autotune over ``tiles``; one tuner per (kernel, candidate list),
-    kept for the process (its cache maps each key to the winner)."""
-    cache_key = (id(kernel), tiles, key)
+    kept for the process (its cache maps each key to the winner). ``reset``: arguments the tuner
+    zeroes before each trial (outputs that kernels accumulate into with atomics)."""
+    cache_key = (id(kernel), tiles, key, reset)
     if cache_key not in _tuners:
         configs = [
             triton.Config(
@@ -223,7 +224,7 @@ def _autotuned(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...]):
             )
             for t in tiles
         ]
-        options = {}
+        options = {"reset_to_zero": list(reset)} if reset else {}
         if "do_bench" in inspect.signature(triton.autotune).parameters:
             options["do_bench"] = _quick_bench
         _tuners[cache_key] = triton.autotune(configs=configs, key=list(key), **options)(kernel)
@@ -241,10 +242,11 @@ def autotuned_configs() -> Dict[str, Dict[str, str]]:
     return chosen
 
 
-def _launch(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...], grid: Callable, *args, **constexprs) -> None:
+def _launch(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...], grid: Callable, *args,
+            reset: Tuple[str, ...] = (), **constexprs) -> None:
     """Launch ``kernel`` through its autotuner over ``tiles`` (wrap_triton: traceable by
     torch.compile inside a triton_op)."""
-    torch.library.wrap_triton(_autotuned(kernel, tiles, key))[grid](*args, **constexprs)
+    torch.library.wrap_triton(_autotuned(kernel, tiles, key, reset))[grid](*args, **constexprs)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -268,12 +270,20 @@ def _conv(
     stride: int,
     relu: bool,
     residual: Optional[torch.Tensor],
+    mean_output: bool = False,
 ) -> torch.Tensor:
+    """The conv launcher; with ``mean_output`` it returns the (N, Cout) fp32 spatial mean of the
+    result instead of the map (which is never written)."""
     n, c_in, height, width = x.shape
     c_out, _, k, _ = weight.shape
     h_out = (height - k) // stride + 1
     w_out = (width - k) // stride + 1
-    y = _empty_channels_last(n, c_out, h_out, w_out, x)
+    if mean_output:
+        y = torch.zeros((n, c_out), device=x.device, dtype=torch.float32)
+        y_strides = (0, 0, 0, 0)  # unused: the kernel adds into y[n, c] directly
+    else:
+        y = _empty_channels_last(n, c_out, h_out, w_out, x)
+        y_strides = y.stride()
     if k == 1:
         # (Cout, Cin, 1, 1) read in place as the transposed B operand: B[ci, co] = w[co, ci].
         w = weight.to(x.dtype)
@@ -283,22 +293,25 @@ def _conv(
         # layout's taps are 9 elements apart along Cin: uncoalesced).
         w = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
         w_strides = (c_in * c_out, c_out, 1)
-    r = residual if residual is not None else y  # dummy pointer, never read
+    r = residual if residual is not None else x  # dummy pointer, never read
     n_pixels = n * h_out * w_out
     tiles = _candidates("conv", CONV_TILES, x.dtype, c_out, c_in)
     _launch(
         _conv_kernels._conv_bias_act_kernel,
         tiles,
-        ("m_bucket", "c_in", "c_out", "KSIZE", "STRIDE", "HAS_RESIDUAL"),
+        ("m_bucket", "c_in", "c_out", "KSIZE", "STRIDE", "HAS_RESIDUAL", "MEAN_OUTPUT"),
         lambda meta: (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])),
         x, w, bias.contiguous(), r, y,
         n_pixels, c_in, c_out, h_out, w_out,
-        *x.stride(), *w_strides, *r.stride(), *y.stride(),
+        *x.stride(), *w_strides, *r.stride(), *y_strides,
         _pixel_class(n_pixels),
+        1.0 / (h_out * w_out),
+        reset=("y_ptr",) if mean_output else (),
         KSIZE=k,
         STRIDE=stride,
         HAS_RESIDUAL=residual is not None,
         APPLY_RELU=relu,
+        MEAN_OUTPUT=mean_output,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
     return y
@@ -341,6 +354,24 @@ def _triton_conv_bias_act(
 # --------------------------------------------------------------------------- pointwise_bottleneck
 
 
+def _check_pointwise(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> Tuple[int, int]:
+    """(channels, padded planes) of a 1x1-only block, after checking the shapes."""
+    torch._check(x.dim() == 4, lambda: "x must be 4-D (N, C, H, W)")
+    channels, planes = x.shape[1], w1.shape[0]
+    torch._check(
+        tuple(w1.shape) == (planes, channels, 1, 1)
+        and tuple(w2.shape) == (planes, planes, 1, 1)
+        and tuple(w3.shape) == (channels, planes, 1, 1),
+        lambda: f"bad 1x1 weights {tuple(w1.shape)}, {tuple(w2.shape)}, {tuple(w3.shape)} for C={channels}",
+    )
+    return channels, _pow2_clamp(planes, 16, 1 << 30)
+
+
+def _is_wide(p_pad: int, dtype: torch.dtype) -> bool:
+    # Wide blocks run as three GEMMs with fused epilogues (kernels/pointwise_bottleneck.py says why).
+    return p_pad > FUSED_MAX_PLANES[_dtype_class(dtype)]
+
+
 @torch.library.triton_op("bagnet_fast::triton_pointwise_bottleneck", mutates_args=())
 def _triton_pointwise_bottleneck(
     x: torch.Tensor,
@@ -353,22 +384,39 @@ def _triton_pointwise_bottleneck(
 ) -> torch.Tensor:
     """relu(W3·relu(W2·relu(W1·x + b1) + b2) + b3 + x) per pixel; w's are (Cout, Cin, 1, 1);
     x: (N, C, H, W) channels-last. Returns (N, C, H, W) channels-last."""
-    torch._check(x.dim() == 4, lambda: "x must be 4-D (N, C, H, W)")
-    n, channels, height, width = x.shape
-    planes = w1.shape[0]
-    torch._check(
-        tuple(w1.shape) == (planes, channels, 1, 1)
-        and tuple(w2.shape) == (planes, planes, 1, 1)
-        and tuple(w3.shape) == (channels, planes, 1, 1),
-        lambda: f"bad 1x1 weights {tuple(w1.shape)}, {tuple(w2.shape)}, {tuple(w3.shape)} for C={channels}",
-    )
-    p_pad = _pow2_clamp(planes, 16, 1 << 30)
-    if p_pad > FUSED_MAX_PLANES[_dtype_class(x.dtype)]:
-        # Wide blocks: three GEMMs with fused epilogues (kernels/pointwise_bottleneck.py says why).
+    channels, p_pad = _check_pointwise(x, w1, w2, w3)
+    if _is_wide(p_pad, x.dtype):
         t = _conv(x, w1, b1, 1, True, None)
         t = _conv(t, w2, b2, 1, True, None)
         return _conv(t, w3, b3, 1, True, x)
+    return _fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels, p_pad)
 
+
+@torch.library.triton_op("bagnet_fast::triton_pointwise_bottleneck_mean", mutates_args=())
+def _triton_pointwise_bottleneck_mean(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+) -> torch.Tensor:
+    """The spatial mean (N, C), fp32, of pointwise_bottleneck(x, ...): the last block and the
+    head's mean in one op (avg_pool=True). A wide block's last GEMM adds its output into the
+    means in its epilogue, so the (N, C, H, W) map is never written; a narrow (fused) block
+    writes its map and the mean kernel reads it."""
+    channels, p_pad = _check_pointwise(x, w1, w2, w3)
+    if _is_wide(p_pad, x.dtype):
+        t = _conv(x, w1, b1, 1, True, None)
+        t = _conv(t, w2, b2, 1, True, None)
+        return _conv(t, w3, b3, 1, True, x, mean_output=True)
+    return _spatial_mean(_fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels, p_pad))
+
+
+def _fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels: int, p_pad: int) -> torch.Tensor:
+    """The whole block in one kernel, intermediates on chip (narrow blocks)."""
+    planes = w1.shape[0]
     dtype = x.dtype
     w1, w2, w3 = (w.to(dtype).reshape(w.shape[0], w.shape[1]) for w in (w1, w2, w3))  # (out, in) views
     y = torch.empty_like(x, memory_format=torch.channels_last)  # (N, C, H, W) channels-last
@@ -400,8 +448,18 @@ def _triton_pointwise_bottleneck(
 def _triton_spatial_mean_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """linear(mean over H and W): (N, C, H, W) -> (N, K)."""
     torch._check(x.dim() == 4, lambda: "x must be 4-D (N, C, H, W)")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1], lambda: "weight must be (K, C)")
+    return mean_linear(_spatial_mean(x), weight, bias, x.dtype)
+
+
+def mean_linear(mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The head's linear on the (N, C) fp32 means: a few MFLOP, not worth a kernel of its own."""
+    return torch.addmm(bias.float(), mean, weight.float().t()).to(dtype)
+
+
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) fp32 means."""
     n, channels, height, width = x.shape
-    torch._check(weight.dim() == 2 and weight.shape[1] == channels, lambda: "weight must be (K, C)")
     mean = torch.empty((n, channels), device=x.device, dtype=torch.float32)  # (N, C) fp32
     # A memory-bound reduction of the smallest map (< 1 % of a forward): fixed tiles, no tuning.
     block_c = _pow2_clamp(channels, 16, 128)
@@ -412,8 +470,7 @@ def _triton_spatial_mean_linear(x: torch.Tensor, weight: torch.Tensor, bias: tor
         BLOCK_C=block_c,
         num_warps=4,
     )
-    # (N, C) × (C, K): a few MFLOP, not worth a kernel of its own.
-    return torch.addmm(bias.float(), mean, weight.float().t()).to(x.dtype)
+    return mean
 
 
 @torch.library.triton_op("bagnet_fast::triton_patch_logits", mutates_args=())
@@ -461,6 +518,7 @@ def _triton_patch_logits(
 # public functions directly; patch_logits converts its class sequence to the schema's int list.
 conv_bias_act = torch.ops.bagnet_fast.triton_conv_bias_act
 pointwise_bottleneck = torch.ops.bagnet_fast.triton_pointwise_bottleneck
+pointwise_bottleneck_mean = torch.ops.bagnet_fast.triton_pointwise_bottleneck_mean
 spatial_mean_linear = torch.ops.bagnet_fast.triton_spatial_mean_linear
 
 
