@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import flops as _flops
+from ._io import write_atomically
 from . import models as _models
 from .executors import backends, select
 from .plan import get_plan
@@ -234,17 +235,6 @@ def check_new_outputs(paths: List[str], overwrite: bool) -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise SystemExit(f"{', '.join(existing)} exist(s): pass --overwrite or choose another --out")
-
-
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` then rename: a crash never leaves a half-written result behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: str, data) -> None:

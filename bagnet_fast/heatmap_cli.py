@@ -17,14 +17,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import models as _models
+from ._io import write_atomically
 from .accelerate import bagnet_from_state_dict
 from .weights import load_checkpoint
 from .explain import dense_heatmap, output_stride, patch_logits, select_patches
@@ -97,25 +97,18 @@ def _normalise(images: torch.Tensor, dtype: torch.dtype, device: torch.device) -
 # --- atomic outputs --------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, array)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(path), write)
 
 
 def _is_done(summary_path: Path) -> bool:

@@ -8,13 +8,12 @@ edges are drawn over it so that the evidence can be placed; top patches are outl
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ._io import write_atomically
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["denormalize", "image_edges", "plot_heatmap", "save_heatmap_png"]
@@ -112,13 +111,4 @@ def plot_heatmap(
 
 def save_heatmap_png(figure, path: str) -> None:
     """Write ``figure`` to ``path`` atomically (a temporary file in the same folder, renamed)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            figure.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))

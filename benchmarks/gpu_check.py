@@ -20,10 +20,8 @@ autotunes the Triton kernels or compiles, and is reported separately as ``first_
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -31,7 +29,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -40,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import bagnet_fast  # noqa: E402
+from bagnet_fast import bench as _bench  # noqa: E402
 
 # Counted FLOPs per 224×224 image (multiply-adds × 2): the reference BagNet-33 and ResNet-50.
 GFLOP_PER_IMAGE_224 = {"bagnet33": 32.52, "resnet50": 8.18}
@@ -153,24 +152,16 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def device_limits(device: torch.device, tiny: bool) -> dict:
-    """bf16 matmul TFLOP/s (n³ GEMMs) and copy GB/s (read + write bytes over time)."""
-    n = 512 if tiny else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = time_calls(lambda: a @ b, device, 5 if tiny else 20)
-    limits = {"matmul_n": n, "bf16_matmul_tflops": 2 * n**3 / statistics.median(times) / 1e12}
-    numel = (1 << 20) if tiny else (1 << 29)  # 1 GiB of fp16 on the GPU: far past the L2
-    src = torch.empty(numel, device=device, dtype=torch.float16)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = time_calls(lambda: dst.copy_(src), device, 5 if tiny else 20)
-    limits["copy_bytes"] = 2 * src.numel() * src.element_size()
-    limits["copy_gbps"] = limits["copy_bytes"] / statistics.median(times) / 1e9
-    del a, b, src, dst
-    return limits
+def device_limits(device: torch.device) -> dict:
+    """bf16 matmul TFLOP/s and copy GB/s (read + write), measured by the same code as
+    ``python -m bagnet_fast bench`` (best of a few 8192³ GEMMs and 1 GiB copies on a GPU)."""
+    peaks = _bench.measure_peaks(device, torch.bfloat16)
+    return {
+        "matmul_n": peaks["matmul_size"],
+        "bf16_matmul_tflops": peaks["matmul_flops_per_s"] / 1e12,
+        "copy_bytes": int(peaks["copy_mib"] * 2**21),  # read + write
+        "copy_gbps": peaks["copy_bytes_per_s"] / 1e9,
+    }
 
 
 # --------------------------------------------------------------------------- implementations
@@ -410,7 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "environment": environment(device), "command": " ".join(sys.argv)}
     print(json.dumps({k: v for k, v in result["environment"].items() if k != "backends"}, default=str), flush=True)
     try:
-        result["limits"] = device_limits(device, args.dry_run)
+        result["limits"] = device_limits(device)
     except Exception as error:  # noqa: BLE001 - reported, never fatal
         result["limits"] = {"error": repr(error)}
     print("limits:", result["limits"], flush=True)
