@@ -34,8 +34,8 @@ INT64_ARGS = {"n_pixels"}
 # (specialized to the constant 1), every other stride, channel count and pointer divisible by 16
 # (tt.divisibility), except the pixel counts the kernels exclude from specialization and
 # m_bucket (0..2).
-UNIT_STRIDES = {"stride_xc", "stride_yc", "stride_rc", "stride_wo", "stride_w1i", "stride_w2i", "stride_w3i"}
-NOT_DIVISIBLE = {"n_pixels", "h_out", "w_out", "m_bucket", "stride_wt"}
+UNIT_STRIDES = {"stride_xc", "stride_yc", "stride_rc", "stride_wi", "stride_w1i", "stride_w2i", "stride_w3i"}
+NOT_DIVISIBLE = {"n_pixels", "h_out", "w_out", "m_bucket"}
 
 
 FLOAT_ARGS = {"inv_image_pixels"}

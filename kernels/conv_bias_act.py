@@ -14,7 +14,7 @@ from .tiles import add, load_bias, load_tile, pixel_coords, pixel_rows, store_ti
 @triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out"])
 def _conv_bias_act_kernel(
     x_ptr,  # input activations, logical (N, Cin, H, W), any strides (channels-last in practice)
-    w_ptr,  # weight: element (tap, ci, co) at tap*stride_wt + ci*stride_wi + co*stride_wo
+    w_ptr,  # weight (Cout, Cin, k, k), any strides (channels-last in practice: Cin contiguous)
     b_ptr,  # bias (Cout,)
     r_ptr,  # residual, logical (N, Cout, Hr >= Ho, Wr >= Wo); a dummy pointer if not HAS_RESIDUAL
     y_ptr,  # output, logical (N, Cout, Ho, Wo), any strides (channels-last in practice)
@@ -24,7 +24,7 @@ def _conv_bias_act_kernel(
     h_out,  # Ho = (H - KSIZE) // STRIDE + 1
     w_out,  # Wo = (W - KSIZE) // STRIDE + 1
     stride_xn, stride_xc, stride_xh, stride_xw,  # element strides of x
-    stride_wt, stride_wi, stride_wo,  # element strides of the weight: tap (kh*KSIZE + kw), Cin, Cout
+    stride_wo, stride_wi, stride_wh, stride_ww,  # element strides of the weight: Cout, Cin, kh, kw
     stride_rn, stride_rc, stride_rh, stride_rw,  # element strides of the residual (ignored if none)
     stride_yn, stride_yc, stride_yh, stride_yw,  # element strides of y
     m_bucket,  # size class of n_pixels: an autotuning key only, unused here
@@ -57,15 +57,26 @@ def _conv_bias_act_kernel(
     x_row = n * stride_xn + (ho * STRIDE) * stride_xh + (wo * STRIDE) * stride_xw
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for kh in tl.static_range(KSIZE):
-        for kw in tl.static_range(KSIZE):
-            x_tap = x_row + kh * stride_xh + kw * stride_xw
-            w_tap = w_ptr + (kh * KSIZE + kw) * stride_wt
-            for k0 in range(0, c_in, BLOCK_K):
-                ci = k0 + offs_k
-                a = load_tile(x_ptr, x_tap, ci, stride_xc, mask_m, c_in)  # [BLOCK_M, BLOCK_K]
-                b = load_tile(w_tap, ci * stride_wi, offs_n, stride_wo, ci < c_in, c_out)  # [BLOCK_K, BLOCK_N]
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # One loop over (tap, channel chunk) rather than a loop per tap: the software pipeline
+    # (num_stages) then runs across the taps. Per tap the channel loop is short (1-2 chunks
+    # for the 64-channel convs, 1 for the stem's 3) and each loop would fill and drain its own
+    # pipeline; compiled for sm_90 the flat loop is one pipelined wgmma loop instead of nine.
+    k_chunks = tl.cdiv(c_in, BLOCK_K)
+    for step in range(0, KSIZE * KSIZE * k_chunks):
+        if KSIZE == 1:  # one tap: no index arithmetic in the loop of the 1x1 GEMMs
+            kh = 0
+            kw = 0
+            ci = step * BLOCK_K + offs_k
+        else:
+            tap = step // k_chunks
+            kh = tap // KSIZE
+            kw = tap % KSIZE
+            ci = (step % k_chunks) * BLOCK_K + offs_k
+        x_tap = x_row + kh * stride_xh + kw * stride_xw
+        a = load_tile(x_ptr, x_tap, ci, stride_xc, mask_m, c_in)  # [BLOCK_M, BLOCK_K]
+        w_rows = ci * stride_wi + kh * stride_wh + kw * stride_ww
+        b = load_tile(w_ptr, w_rows, offs_n, stride_wo, ci < c_in, c_out)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc += load_bias(b_ptr, offs_n, c_out)
     if HAS_RESIDUAL:

@@ -104,6 +104,36 @@ def test_conv_bias_act_contiguous_nchw_input():
     assert_close_rel(triton_ops.conv_bias_act(x, weight, bias), reference.conv_bias_act(x, weight, bias))
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_1x1"])
+def test_conv_bias_act_reads_weights_through_strides(layout, monkeypatch):
+    # The plan's channels-last weights are read in place (no per-call repacking: the kernel takes
+    # all four weight strides); any other layout gives the same values.
+    torch.manual_seed(11)
+    x = randn_cl(2, 48, 7, 9)
+    k = 1 if layout == "transposed_1x1" else 3
+    weight, bias = conv_params(40, 96 if layout == "sliced" else 48, k)
+    if layout == "channels_last":
+        weight = weight.contiguous(memory_format=CL)
+        copies = []
+        contiguous = torch.Tensor.contiguous
+
+        def spy(t, *args, **kwargs):
+            if t.shape == weight.shape:
+                copies.append(t)
+            return contiguous(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    elif layout == "sliced":
+        weight = weight[:, ::2]  # every other input channel: Cin stride 18
+    else:
+        weight = weight.transpose(0, 1).contiguous().transpose(0, 1)  # (Cout, Cin, 1, 1), Cout fastest
+    out = triton_ops.conv_bias_act(x, weight, bias)
+    if layout == "channels_last":
+        monkeypatch.undo()
+        assert not copies, "channels-last weights must not be copied"
+    assert_close_rel(out, reference.conv_bias_act(x, weight, bias))
+
+
 # --------------------------------------------------------------------------- pointwise_bottleneck
 
 

@@ -284,15 +284,12 @@ def _conv(
     else:
         y = _empty_channels_last(n, c_out, h_out, w_out, x)
         y_strides = y.stride()
-    if k == 1:
-        # (Cout, Cin, 1, 1) read in place as the transposed B operand: B[ci, co] = w[co, ci].
-        w = weight.to(x.dtype)
-        w_strides = (0, w.stride(1), w.stride(0))
-    else:
-        # (k, k, Cin, Cout): each tap's [Cin, Cout] slab a row-major B operand (the natural
-        # layout's taps are 9 elements apart along Cin: uncoalesced).
-        w = weight.to(x.dtype).permute(2, 3, 1, 0).contiguous()
-        w_strides = (c_in * c_out, c_out, 1)
+    # The weight is read in place through its strides, the B operand [ci, co] of each tap. The
+    # plan keeps weights channels-last (Cin contiguous: coalesced along the reduction, the
+    # K-major B tile wgmma takes); other layouts are made so here, once per call.
+    w = weight.to(x.dtype)
+    if k > 1 and w.stride(1) != 1:
+        w = w.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else x  # dummy pointer, never read
     n_pixels = n * h_out * w_out
     tiles = _candidates("conv", CONV_TILES, x.dtype, c_out, c_in)
@@ -303,7 +300,7 @@ def _conv(
         lambda meta: (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])),
         x, w, bias.contiguous(), r, y,
         n_pixels, c_in, c_out, h_out, w_out,
-        *x.stride(), *w_strides, *r.stride(), *y_strides,
+        *x.stride(), *w.stride(), *r.stride(), *y_strides,
         _pixel_class(n_pixels),
         1.0 / (h_out * w_out),
         reset=("y_ptr",) if mean_output else (),
