@@ -9,14 +9,17 @@
 
 A backend that was asked for and is unavailable raises with the reason; the automatic choice
 takes the first usable backend of ``_PREFERENCE`` and warns, saying why, whenever that is not the
-first one (never silently).
+first one (never silently). On CUDA the automatic choice also falls back at run time, with a
+warning, if its kernels fail to compile or launch on the device (:class:`FallbackBackend`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,7 +29,10 @@ from . import _extension
 from .ops import has_op
 from .ops import reference as ref
 
-__all__ = ["Backend", "TorchBackend", "CpuBackend", "TritonBackend", "CudaBackend", "available", "select", "backends"]
+__all__ = [
+    "Backend", "TorchBackend", "CpuBackend", "TritonBackend", "CudaBackend", "FallbackBackend",
+    "available", "select", "backends", "is_kernel_failure",
+]
 
 
 class Backend:
@@ -330,28 +336,122 @@ _PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 _warned: set = set()
 
 
+# Backends whose kernels failed to compile or launch in this process, per (backend, device,
+# dtype), with the error: the automatic choice skips them from then on (see FallbackBackend).
+_failed: Dict[Tuple[str, str, torch.dtype], str] = {}
+
+
 def select(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend ``name`` (raises if unusable), or the fastest usable one when None."""
+    """The backend ``name`` (raises if unusable), or the fastest usable one when None (on CUDA,
+    wrapped in a :class:`FallbackBackend` over the slower usable ones)."""
     if name is not None:
         ok, reason = available(name, device, dtype)
         if not ok:
             raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
         return _BACKENDS[name]()
-    reasons = []
+    usable, reasons = [], []
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
         ok, reason = available(candidate, device, dtype)
+        if ok and (candidate, device.type, dtype) in _failed:
+            ok, reason = False, "its kernels failed here earlier: " + _failed[(candidate, device.type, dtype)]
         if ok:
-            if reasons and (device.type, dtype) not in _warned:
-                _warned.add((device.type, dtype))
-                label = "the pure-PyTorch backend" if candidate == "torch" else f"the {candidate} backend"
-                warnings.warn(
-                    f"bagnet_fast: using {label} on {device.type}/{dtype}: " + "; ".join(reasons),
-                    stacklevel=3,
-                )
-            return _BACKENDS[candidate]()
-        if candidate != "torch" and _relevant(candidate, device):
+            usable.append(candidate)
+        elif not usable and candidate != "torch" and _relevant(candidate, device):
             reasons.append(f"{candidate}: {reason}")
-    raise AssertionError("the torch backend is always available")
+    if reasons and (device.type, dtype) not in _warned:
+        _warned.add((device.type, dtype))
+        label = "the pure-PyTorch backend" if usable[0] == "torch" else f"the {usable[0]} backend"
+        warnings.warn(f"bagnet_fast: using {label} on {device.type}/{dtype}: " + "; ".join(reasons), stacklevel=3)
+    backend = _BACKENDS[usable[0]]()
+    if device.type == "cuda" and len(usable) > 1:
+        return FallbackBackend(backend, usable[1:], device, dtype)
+    return backend
+
+
+def is_kernel_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a backend's kernels cannot compile or launch on this device (not
+    that the inputs are wrong): triton's own errors (compilation, PTX assembly, out of shared
+    memory or registers, autotuning), an MLIR pass failure in triton's compiler, or a CUDA binary
+    built for other GPU architectures."""
+    triton_errors = sys.modules.get("triton.errors")
+    if triton_errors is not None and isinstance(error, getattr(triton_errors, "TritonError", ())):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and (
+        "PassManager::run failed" in message or "no kernel image is available" in message
+    )
+
+
+class FallbackBackend(Backend):
+    """The automatic choice on CUDA: runs the preferred backend and, the first time its kernels
+    fail to compile or launch on this device (:func:`is_kernel_failure`; a Triton version or GPU
+    the kernels were never compiled for), warns with the error and hands that call and every later
+    one to the next usable backend. Other errors (bad inputs) propagate unchanged. Asking for a
+    backend by name (``backend="triton"``) never falls back: the error is raised."""
+
+    def __init__(self, backend: Backend, fallbacks, device: torch.device, dtype: torch.dtype) -> None:
+        self.current = backend
+        self._fallbacks = list(fallbacks)
+        self._where = (device.type, dtype)
+        self._plan = None
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def prepare(self, plan) -> None:
+        self._plan = weakref.ref(plan)
+        self.current.prepare(plan)
+
+    def _call(self, method: str, *args):
+        while True:
+            try:
+                return getattr(self.current, method)(*args)
+            except Exception as error:  # noqa: BLE001 - re-raised unless a kernel failure
+                if not self._fallbacks or not is_kernel_failure(error):
+                    raise
+                self._fall_back(error)
+
+    def _fall_back(self, error: BaseException) -> None:
+        failed = self.current.name
+        summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        _failed[(failed,) + self._where] = summary
+        self.current = _BACKENDS[self._fallbacks.pop(0)]()
+        plan = self._plan() if self._plan is not None else None
+        if plan is not None:
+            self.current.prepare(plan)
+        warnings.warn(
+            f"bagnet_fast: the {failed} backend's kernels failed on {self._where[0]}/{self._where[1]} ({summary}); "
+            f"using the {self.current.name} backend from now on (backend={failed!r} raises the error)",
+            stacklevel=4,
+        )
+
+    def stem(self, unit, x):
+        return self._call("stem", unit, x)
+
+    def block(self, unit, x):
+        return self._call("block", unit, x)
+
+    def conv(self, unit, x, stride, relu=True, residual=None):
+        return self._call("conv", unit, x, stride, relu, residual)
+
+    def pointwise(self, unit, x):
+        return self._call("pointwise", unit, x)
+
+    def _dense(self, x):
+        return self._call("_dense", x)
+
+    def spatial_mean_linear(self, x, weight, bias):
+        return self._call("spatial_mean_linear", x, weight, bias)
+
+    def block_mean_linear(self, unit, x, weight, bias):
+        return self._call("block_mean_linear", unit, x, weight, bias)
+
+    def patch_logits(self, x, weight, bias, classes=None):
+        return self._call("patch_logits", x, weight, bias, classes)
+
+    def __repr__(self) -> str:
+        return f"<bagnet_fast backend {self.name!r}, falling back to {self._fallbacks}>"
 
 
 def _relevant(backend: str, device: torch.device) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -104,16 +105,77 @@ def test_preference_triton_then_cuda_then_torch_with_a_warning(monkeypatch):
     monkeypatch.setattr(executors, "_warned", set())
     with pytest.warns(UserWarning, match="using the cuda backend on cuda/torch.bfloat16: triton: triton is not installed"):
         backend = executors.select(None, torch.device("cuda"), torch.bfloat16)
-    assert isinstance(backend, CudaBackend)
+    assert isinstance(backend.current, CudaBackend)
     usable["triton"] = (True, "fused Triton kernels")
-    monkeypatch.setattr(executors, "TritonBackend", lambda: "triton backend")
     monkeypatch.setitem(executors._BACKENDS, "triton", lambda: "triton backend")
-    assert executors.select(None, torch.device("cuda"), torch.float16) == "triton backend"
+    backend = executors.select(None, torch.device("cuda"), torch.float16)
+    assert isinstance(backend, executors.FallbackBackend) and backend.current == "triton backend"
     usable["triton"] = (False, "no triton")
     usable["cuda"] = (False, "no kernels")
     monkeypatch.setattr(executors, "_warned", set())
     with pytest.warns(UserWarning, match="pure-PyTorch backend .*triton: no triton; cuda: no kernels"):
         assert executors.select(None, torch.device("cuda"), torch.float32).name == "torch"
+
+
+class BrokenKernels(executors.TorchBackend):
+    """A backend whose blocks raise ``error``: kernels that fail to compile or launch on this
+    device (a Triton version or GPU they were never built for), or inputs they reject."""
+
+    name = "triton"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def block(self, unit, x):
+        self.calls += 1
+        raise self.error
+
+
+def fallback_plan(model, primary, fallbacks):
+    plan = bagnet_fast.build_plan(model, "torch")
+    plan.backend = executors.FallbackBackend(primary, fallbacks, torch.device("cuda"), torch.bfloat16)
+    plan.backend.prepare(plan)
+    return plan
+
+
+NO_KERNEL_IMAGE = "CUDA error: no kernel image is available for execution on the device"
+
+
+def test_automatic_choice_falls_back_when_its_kernels_fail(monkeypatch):
+    monkeypatch.setattr(executors, "_failed", {})
+    model = make_model("bagnet9", num_classes=20)
+    x = torch.randn(2, 3, 15, 17)
+    broken = BrokenKernels(RuntimeError(NO_KERNEL_IMAGE))
+    plan = fallback_plan(model, broken, ["torch"])
+    with pytest.warns(UserWarning, match=r"the triton backend's kernels failed on cuda/torch.bfloat16 "
+                                         r"\(RuntimeError: CUDA error: no kernel image .*using the torch backend"):
+        out = plan.run(x)
+    assert rel_err(out, reference(model, x)) <= FP32_RTOL
+    assert plan.backend.name == "torch" and broken.calls == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only: later calls go to the fallback directly
+        plan.run(x)
+    assert broken.calls == 1
+    # Plans built later skip the failed backend and say why.
+    monkeypatch.setattr(executors, "available", lambda name, device, dtype: (True, "usable"))
+    monkeypatch.setattr(executors, "_warned", set())
+    with pytest.warns(UserWarning, match="using the cuda backend on cuda/torch.bfloat16: triton: its kernels "
+                                         "failed here earlier: RuntimeError: CUDA error: no kernel image"):
+        backend = executors.select(None, torch.device("cuda"), torch.bfloat16)
+    assert backend.name == "cuda" and isinstance(backend, executors.FallbackBackend)
+    assert executors.select("triton", torch.device("cuda"), torch.bfloat16).name == "triton"  # asked for: no skip
+
+
+@pytest.mark.parametrize("error", [ValueError("bad input"), RuntimeError("shape mismatch"), RuntimeError(NO_KERNEL_IMAGE)],
+                         ids=["value-error", "runtime-error", "kernel-failure-nothing-left"])
+def test_fallback_never_hides_other_errors(error, monkeypatch):
+    monkeypatch.setattr(executors, "_failed", {})
+    kernel_failure = NO_KERNEL_IMAGE in str(error)
+    plan = fallback_plan(make_model("bagnet9", num_classes=20), BrokenKernels(error), [] if kernel_failure else ["torch"])
+    with pytest.raises(type(error), match=str(error)):
+        plan.run(torch.randn(1, 3, 9, 9))
+    assert plan.backend.name == "triton" and not executors._failed
 
 
 def test_info_cli_lists_the_cuda_backend():

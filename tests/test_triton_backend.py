@@ -66,3 +66,29 @@ def test_dense_heatmap_through_triton_matches_the_cpu_backend():
     actual = bagnet_fast.dense_heatmap(model, x, targets)
     assert bagnet_fast.get_plan(model).backend.name == "triton"
     assert rel_err(actual, expected) <= TRITON_FP32_RTOL
+
+
+def test_triton_compile_failure_falls_back_through_the_registered_ops(monkeypatch):
+    """A kernel that fails to compile raises triton's own error type through the torch.ops
+    dispatcher, which the automatic choice recognises and answers by falling back."""
+    from triton.runtime.errors import PTXASError
+
+    from bagnet_fast import executors
+    from bagnet_fast.ops import triton_ops
+
+    def launch_fails(*args, **kwargs):
+        raise PTXASError("ptxas fatal: Value 'sm_90a' is not defined for option 'gpu-name'")
+
+    monkeypatch.setattr(triton_ops, "_launch", launch_fails)
+    monkeypatch.setattr(executors, "_failed", {})
+    model = make_model("bagnet9", num_classes=20)
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        expected = model.reference_forward(x)
+    plan = bagnet_fast.build_plan(model, "torch")
+    plan.backend = executors.FallbackBackend(executors.TritonBackend(), ["cpu"], torch.device("cuda"), torch.float32)
+    plan.backend.prepare(plan)
+    with pytest.warns(UserWarning, match="triton backend's kernels failed .*PTXASError: PTXAS error: ptxas fatal"):
+        actual = plan.run(x)
+    assert plan.backend.name == "cpu"
+    assert rel_err(actual, expected) <= TRITON_FP32_RTOL
