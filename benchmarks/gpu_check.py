@@ -1,7 +1,9 @@
 """The GPU check's measurements: img/s of the BagNets (fast, reference, torch.compile) and
-torchvision ResNet-50, the device's measured bf16 matmul peak and copy bandwidth, and the goal
-ratios of issues 3 and 4, as a table printed and written to ``OUT/gpu_check.md`` and
-``OUT/gpu_check.json`` (rewritten after every measurement, so a run cut short keeps what it has).
+torchvision ResNet-50, the device's measured bf16 matmul peak and copy bandwidth, the goal
+ratios of issues 3 and 4, and a unit profile of the fast BagNet-33 per CUDA backend (each unit's
+time against its roofline: where the time goes, for the next optimisation), as tables printed and
+written to ``OUT/gpu_check.md`` and ``OUT/gpu_check.json`` (rewritten after every measurement, so
+a run cut short keeps what it has).
 
 Run it through the whole check on a GPU machine, from the repository root:
 
@@ -44,6 +46,7 @@ from bagnet_fast import bench as _bench  # noqa: E402
 GFLOP_PER_IMAGE_224 = {"bagnet33": 32.52, "resnet50": 8.18}
 GOAL_BATCH = 256
 FAST = "fast"
+PROFILE = "unit profile"  # pseudo-rows: per-unit time of the fast plan, after the goal batch's rows
 
 
 class Budget:
@@ -157,6 +160,7 @@ def device_limits(device: torch.device) -> dict:
     ``python -m bagnet_fast bench`` (best of a few 8192³ GEMMs and 1 GiB copies on a GPU)."""
     peaks = _bench.measure_peaks(device, torch.bfloat16)
     return {
+        "peaks": peaks,  # as bagnet_fast.profile's roofline takes them
         "matmul_n": peaks["matmul_size"],
         "bf16_matmul_tflops": peaks["matmul_flops_per_s"] / 1e12,
         "copy_bytes": int(peaks["copy_mib"] * 2**21),  # read + write
@@ -244,7 +248,30 @@ def implementations(name: str, batch: int, args, device: torch.device) -> List[d
         rows.append({"impl": f"{FAST} bf16 cuda_graph [auto]", "setup": graph(bf16)})
     for backend in backends_for(torch.float32):
         rows.append({"impl": f"{FAST} fp32 [{backend}]", "setup": fast(torch.float32, backend), "backend": backend})
+    if name == "bagnet33":
+        for backend in [b for b in backends_for(bf16) if b != "torch"] or ["torch"]:
+            rows.append({"impl": f"{PROFILE} bf16 [{backend}]", "profile": backend, "dtype": bf16})
     return rows
+
+
+def unit_profile(name: str, batch: int, args, device: torch.device, backend: str, dtype: torch.dtype,
+                 peaks: dict) -> List[dict]:
+    """Where the fast plan's time goes: each unit's median time (synchronised ranges, the rows of
+    ``python -m bagnet_fast profile``) with its counted FLOPs and bytes against the roofline of
+    the measured device limits."""
+    from bagnet_fast import flops as _flops
+    from bagnet_fast import profile as _profile
+
+    model = make_bagnet(name, device, dtype)
+    plan = bagnet_fast.build_plan(model, backend)
+    x = torch.randn(batch, 3, args.image, args.image, device=device, dtype=dtype)
+    with torch.inference_mode():
+        result = _profile.profile_network(
+            f"{name} {FAST} [{backend}]", plan.run, _profile.UnitTimer(plan, device),
+            _flops.plan_unit_costs(plan, tuple(x.shape), dtype), x, warmup=2, repeats=args.min_repeats, peaks=peaks)
+    keep = ("name", "kind", "seconds", "tflops_per_s", "gbytes_per_s", "percent_of_roofline", "bound")
+    units = [{key: row[key] for key in keep} for row in result["rows"]]
+    return [{"name": "end to end", "seconds": result["seconds_end_to_end"]}] + units
 
 
 GOAL_ROWS = (
@@ -260,7 +287,8 @@ GOAL_ROWS = (
 
 def work_list(args, device: torch.device) -> List[tuple]:
     """(model, batch, row) in measuring order: the rows of the goal ratios at the goal batch
-    first, then everything else at the goal batch, then the smaller batches (largest first)."""
+    first, then everything else at the goal batch, the unit profiles, then the smaller batches
+    (largest first)."""
     batches = sorted(args.batches, reverse=True)
     goal = GOAL_BATCH if GOAL_BATCH in batches else batches[0]
     items = []
@@ -271,6 +299,10 @@ def work_list(args, device: torch.device) -> List[tuple]:
             for row in implementations(name, batch, args, device):
                 if batch == goal and (name, row["impl"]) in GOAL_ROWS:
                     rank = GOAL_ROWS.index((name, row["impl"]))
+                elif row.get("profile"):
+                    if batch != goal:
+                        continue
+                    rank = len(GOAL_ROWS) + 0.5
                 else:
                     rank = len(GOAL_ROWS) + (0 if batch == goal else 1 + batches.index(batch))
                 items.append((rank, len(items), name, batch, row))
@@ -354,8 +386,24 @@ def markdown(result: dict) -> str:
             shown = "not measured" if value is None else (f"{value:.1%}" if "fraction" in name else f"{value:.2f}×")
             verdict = "" if goal["met"] is None else (" ✅ met" if goal["met"] else " ❌ not met")
             lines.append(f"- {name}: {shown} (goal ≥ {goal['goal']}){verdict}")
+    for profile in result.get("profiles", []):
+        lines += profile_markdown(profile)
     lines += ["", f"Stopped early: {result['skipped']} rows skipped for the time budget." if result["skipped"] else ""]
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(profile: dict) -> List[str]:
+    lines = ["", f"## {profile['model']} {profile['impl']}, batch {profile['batch']}", ""]
+    if "units" not in profile:
+        return lines + [f"Not measured: {profile.get('note', '')}"]
+    lines += ["| unit | kind | ms | TFLOP/s | GB/s | % of roofline | bound |", "|---|---|---:|---:|---:|---:|---|"]
+    for unit in profile["units"]:
+        if "kind" not in unit:  # the end-to-end time without the timer's synchronisations
+            lines.append(f"| **{unit['name']}** | | {unit['seconds'] * 1e3:.2f} | | | | |")
+            continue
+        lines.append(f"| {unit['name']} | {unit['kind']} | {unit['seconds'] * 1e3:.2f} | {unit['tflops_per_s']:.1f} | "
+                     f"{unit['gbytes_per_s']:.0f} | {unit['percent_of_roofline']:.0f} | {unit['bound']} |")
+    return lines
 
 
 def write_results(result: dict, out: Path) -> None:
@@ -370,6 +418,24 @@ def write_results(result: dict, out: Path) -> None:
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         tmp.replace(out / name)
+
+
+def run_profile(record: dict, name: str, batch: int, row: dict, args, device: torch.device, result: dict) -> None:
+    """One unit profile into result["profiles"]; an error or OOM is recorded, never raised."""
+    peaks = result["limits"].get("peaks")
+    try:
+        if not peaks:
+            raise RuntimeError("no device limits measured: no roofline")
+        record["units"] = unit_profile(name, batch, args, device, row["profile"], row["dtype"], peaks)
+    except Exception as error:  # noqa: BLE001 - one row's failure never stops the others
+        record["note"] = "OOM" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:200]}"
+        if not is_oom(error):
+            traceback.print_exc()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["profiles"].append(record)
+    print(f"{name:9s} b{batch:<4d} {row['impl']:45s} " + ("done" if "units" in record else record["note"]), flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -397,7 +463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
 
-    result = {"dry_run": args.dry_run, "image": args.image, "rows": [], "skipped": 0, "limits": {},
+    result = {"dry_run": args.dry_run, "image": args.image, "rows": [], "profiles": [], "skipped": 0, "limits": {},
               "environment": environment(device), "command": " ".join(sys.argv)}
     print(json.dumps({k: v for k, v in result["environment"].items() if k != "backends"}, default=str), flush=True)
     try:
@@ -409,10 +475,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for order, (name, batch, row) in enumerate(work_list(args, device)):
         record = {"model": name, "batch": batch, "impl": row["impl"], "order": order}
-        if budget.left() < (60 if row.get("compile") else 5):
+        if budget.left() < (60 if row.get("compile") else 20 if row.get("profile") else 5):
             record["note"] = "skipped: time budget spent"
             result["skipped"] += 1
-            result["rows"].append(record)
+            (result["profiles"] if row.get("profile") else result["rows"]).append(record)
+            continue
+        if row.get("profile"):
+            run_profile(record, name, batch, row, args, device, result)
+            write_results(result, args.out)
             continue
         fn = None
         try:

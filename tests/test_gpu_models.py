@@ -289,3 +289,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert ("bagnet33", "reference eager fp32 NCHW") in measured
     assert any(impl.startswith("fast bf16") or impl.startswith("fast fp32") for _, impl in measured)
     assert "goals" in data
+    # The unit profile of the fast plan: every unit of the FLOP table timed, with its roofline.
+    (profile,) = data["profiles"]
+    assert profile["impl"] == "unit profile bf16 [torch]", profile
+    units = {unit["name"]: unit for unit in profile["units"]}
+    assert {"end to end", "stem", "layer4.2", "head"} <= set(units)
+    assert all(unit["seconds"] > 0 for unit in units.values())
+    assert "## bagnet33 unit profile bf16 [torch]" in (tmp_path / "gpu_check.md").read_text()
