@@ -15,6 +15,7 @@ warning, if its kernels fail to compile or launch on the device (:class:`Fallbac
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -132,6 +133,7 @@ class CpuBackend(Backend):
     def conv(self, unit, x, stride, relu=True, residual=None):
         weight = unit.weight  # plain: see above
         stride = [stride, stride]
+        x = _canonical_single_pixel(x)
         if residual is None:
             return self._mkldnn._convolution_pointwise(
                 x, weight, unit.bias, [0, 0], stride, [1, 1], 1, "relu" if relu else "none", [], ""
@@ -269,6 +271,17 @@ class CudaBackend(Backend):
         return torch.ops.bagnet_fast.spatial_mean_linear(x, weight, bias)
 
 
+def _canonical_single_pixel(x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 map with the strides of a contiguous tensor (a view, no copy). A 1x1 map's strides
+    along H and W address nothing; oneDNN's outputs carry channels-last ones, (C, 1, C, C), and
+    the binary-post-op convolution of torch 2.11's oneDNN fails on such an input ("could not
+    create a memory"; torch 2.14 accepts it). Seen on images of exactly the patch size."""
+    n, c, height, width = x.shape
+    if height == 1 and width == 1 and x.stride(1) == 1 and x.stride(0) == c:
+        return x.as_strided(x.shape, (c, 1, 1, 1), x.storage_offset())
+    return x
+
+
 def _pixels_as_image(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N*H*W, C) pixel matrix -> (N, C, H, W) channels-last view, H and W those of ``like``."""
     n, _, height, width = like.shape
@@ -301,6 +314,9 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool
                 return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1 (for testing)"
             if dtype != torch.float32:
                 return False, "the Triton interpreter computes dots in float32 only"
+            problem = _interpreter_problem()
+            if problem:
+                return False, problem
             return True, "Triton kernels in the interpreter (TRITON_INTERPRET=1)"
         if device.type != "cuda":
             return False, f"Triton kernels run on CUDA devices, not {device.type}"
@@ -316,6 +332,28 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> Tuple[bool
             return False, _cuda_kernels_status()
         return True, "cuDNN/cuBLAS convolutions + fused CUDA kernels (bagnet_fast._C)"
     raise ValueError(f"unknown backend {name!r}; choose from {sorted(_BACKENDS)} or None")
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run our kernels with the installed triton and torch, or
+    None: one tiny op, once per process. Seen failing: triton 3.6's interpreter on any loop with a
+    run-time bound, and torch 2.11's wrap_triton on interpreted kernels (tested: triton 3.8 with
+    torch 2.14). On a GPU the kernels are compiled and none of this applies."""
+    import triton
+
+    from .ops import triton_ops
+
+    try:
+        x = torch.ones(1, 16, 2, 3).contiguous(memory_format=torch.channels_last)
+        out = triton_ops.spatial_mean_linear(x, torch.ones(2, 16), torch.zeros(2))
+        if not torch.equal(out, torch.full((1, 2), 16.0)):
+            raise RuntimeError(f"a test mean came out {out.tolist()} instead of 16")
+    except Exception as error:  # noqa: BLE001 - reported as the reason
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return (f"the Triton interpreter of triton {triton.__version__} with torch {torch.__version__} cannot run "
+                f"the kernels ({type(error).__name__}: {message}); tested with triton 3.8 and torch 2.14")
+    return None
 
 
 def _cuda_kernels_status() -> str:

@@ -69,6 +69,19 @@ def test_fast_forward_matches_reference(name, batch, models):
     assert bagnet_fast.get_plan(model).backend.name == "cpu"
 
 
+def test_single_pixel_maps_reach_onednn_with_contiguous_strides():
+    # Images of exactly the patch size end in 1x1 maps. oneDNN's outputs carry channels-last
+    # strides (C, 1, C, C), which torch 2.11's binary-post-op convolution rejects ("could not
+    # create a memory"); the cpu backend passes the same memory with contiguous strides instead.
+    from bagnet_fast.executors import _canonical_single_pixel
+
+    x = torch.randn(2, 8, 1, 1).as_strided((2, 8, 1, 1), (8, 1, 8, 8))
+    y = _canonical_single_pixel(x)
+    assert y.stride() == (8, 1, 1, 1) and y.data_ptr() == x.data_ptr() and torch.equal(y, x)
+    z = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert _canonical_single_pixel(z) is z
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fast_forward_matches_reference_224(name, models):
     x = torch.randn(2, 3, 224, 224)

@@ -17,6 +17,11 @@ import torch  # noqa: E402
 import bagnet_fast  # noqa: E402
 from conftest import VARIANTS, make_model, rel_err  # noqa: E402
 
+if not torch.cuda.is_available():
+    _usable, _why_not = bagnet_fast.executors.available("triton", torch.device("cpu"), torch.float32)
+    if not _usable:
+        pytest.skip(_why_not, allow_module_level=True)
+
 # The interpreter's dots are float32 numpy products; 1e-4 is issue #3's bound for the full model.
 TRITON_FP32_RTOL = 1e-4
 

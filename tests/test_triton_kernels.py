@@ -26,6 +26,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is not 1 and there is no GPU to run Triton kernels", allow_module_level=True)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+if DEVICE == "cpu":
+    from bagnet_fast.executors import available  # noqa: E402
+
+    usable, why_not = available("triton", torch.device("cpu"), torch.float32)
+    if not usable:
+        pytest.skip(why_not, allow_module_level=True)
 CL = torch.channels_last
 
 # max |out - ref| / max |ref| in float32. The kernels only reorder fp32 sums (~1e-7 observed);
