@@ -184,8 +184,12 @@ class TritonBackend(Backend):
 
     def block_mean_linear(self, unit, x, weight, bias):
         # A 1x1-only last block (all BagNets) adds its output into the means in the last GEMM's
-        # epilogue: the widest map of the network (N, 2048, H', W') is never written.
-        if not unit.is_pointwise:
+        # epilogue: the widest map of the network (N, 2048, H', W') is never written. Those adds
+        # are atomics, whose order varies from run to run once three or more tiles meet in one
+        # image (the fp32 means then differ in the last bit, and a bf16 logit by one rounding):
+        # under torch.use_deterministic_algorithms(True) the map is written and reduced by the
+        # mean kernel instead, bitwise reproducible.
+        if not unit.is_pointwise or torch.are_deterministic_algorithms_enabled():
             return super().block_mean_linear(unit, x, weight, bias)
         c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
         mean = self._ops.pointwise_bottleneck_mean(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)

@@ -61,6 +61,10 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
 try:
     import triton; print("triton", triton.__version__)
 except Exception as e: print("triton: not importable", e)
+for name in ("setuptools", "numpy", "pytest", "xdist"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as e: print(name + ": not importable", e)
 try:
     import torchvision; print("torchvision", torchvision.__version__)
 except Exception as e: print("torchvision: not importable", e)
@@ -71,7 +75,10 @@ PY
 }
 
 build() {
-    MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -v -e . || return 1
+    # pip's editable install, else the extension built in place (found through PYTHONPATH).
+    MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
+        || { echo "[gpu_check] pip install -e . failed: building the extension in place"
+             MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" setup.py build_ext --inplace; } || return 1
     # Which backends this build can run, and why not.
     "$PY" -m bagnet_fast info || "$PY" -c "import bagnet_fast, json, torch; print(json.dumps(bagnet_fast.backends('cuda', torch.bfloat16), indent=1))"
 }

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import bagnet_fast  # noqa: E402
+from _cuda_fault import pytest_runtest_logreport  # noqa: E402, F401 - a hook: ends a process whose CUDA context faulted
 
 VARIANTS = ("bagnet9", "bagnet17", "bagnet33")
 
@@ -52,3 +53,4 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def models():
     """One model per variant, shared by the tests that only read it."""
     return {name: make_model(name) for name in VARIANTS}
+

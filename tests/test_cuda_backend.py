@@ -243,11 +243,16 @@ def test_cuda_backend_with_preprocess_and_selected_patch_logits():
     images = torch.randint(0, 256, (2, 100, 90, 3), dtype=torch.uint8, device="cuda")
     x = bagnet_fast.preprocess(images, dtype=torch.bfloat16)
     plan = bagnet_fast.get_plan(model)
-    with torch.no_grad():
-        features = plan.features(x)
-        selected = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias, [3, 7])
-        every = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias)
-    # Two bf16 GEMMs (fp32 accumulation) that cuBLAS may run with different kernels for 2 and
-    # 100 classes: equal up to one bf16 rounding of the largest logit.
+    matmul = torch.backends.cuda.matmul
+    reduced, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
+    try:
+        with torch.no_grad():
+            features = plan.features(x)
+            selected = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias, [3, 7])
+            every = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias)
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = reduced
+    # Two bf16 GEMMs (fp32 accumulation, no bf16 split-K partial sums) that cuBLAS may run with
+    # different kernels for 2 and 100 classes: equal up to one bf16 rounding of the largest logit.
     assert selected.shape == every.shape[:-1] + (2,)
     assert rel_err(selected, every[..., [3, 7]]) <= 2**-7

@@ -143,6 +143,8 @@ def test_cuda_graph_runner(dtype_name):
         eager = fast(x)
         x2 = x.flip(-1).contiguous()
         eager2 = fast(x2)
+    # Exact: the oracle's 35-pixel final maps get at most two atomic adds per (image, channel)
+    # from the Triton head (tiles of >= 32 pixels), and 0 + a + b does not depend on their order.
     assert rel_err(runner(x), eager) <= 1e-6
     assert rel_err(runner(x2), eager2) <= 1e-6, "the graph replay did not read the new input"
 

@@ -44,7 +44,10 @@ def test_replay_matches_eager_plan(backend, avg_pool):
         with torch.no_grad():
             expected = bagnet_fast.get_plan(model).run(x, avg_pool=avg_pool)
         actual = runner(x)
-        # Same kernels on the same data: the graph replays exactly what the eager plan runs.
+        # Same kernels on the same data: the graph replays exactly what the eager plan runs. The
+        # Triton head's atomic adds are no exception at this size: a 48-pixel final map and
+        # tiles of >= 32 pixels give at most two adds per (image, channel), and 0 + a + b does
+        # not depend on their order (three or more could differ by one bf16 rounding).
         assert rel_err(actual, expected) <= 1e-6
         assert actual.data_ptr() != runner.static_output.data_ptr()  # a fresh tensor
 

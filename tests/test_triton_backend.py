@@ -97,3 +97,28 @@ def test_triton_compile_failure_falls_back_through_the_registered_ops(monkeypatc
         actual = plan.run(x)
     assert plan.backend.name == "cpu"
     assert rel_err(actual, expected) <= TRITON_FP32_RTOL
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to another value")
+def test_deterministic_algorithms_take_the_head_without_atomics(monkeypatch):
+    """By default the last block adds into the means with atomics (run-to-run order varies on a
+    GPU); torch.use_deterministic_algorithms(True) writes the map and reduces it instead."""
+    from bagnet_fast.ops import triton_ops
+
+    model = make_model("bagnet9", num_classes=20)
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        expected = model.reference_forward(x)
+    fast = bagnet_fast.accelerate(model, backend="triton")
+    fused = []
+    fused_mean = triton_ops.pointwise_bottleneck_mean
+    monkeypatch.setattr(triton_ops, "pointwise_bottleneck_mean", lambda *a: fused.append(1) or fused_mean(*a))
+    assert rel_err(fast(x), expected) <= TRITON_FP32_RTOL and fused == [1]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = fast(x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert fused == [1], "the atomic head ran in deterministic mode"
+    assert rel_err(deterministic, expected) <= TRITON_FP32_RTOL
