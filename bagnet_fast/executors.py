@@ -15,6 +15,7 @@ warning, if its kernels fail to compile or launch on the device (:class:`Fallbac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -172,15 +173,20 @@ class TritonBackend(Backend):
 
         self._ops = triton_ops
 
+    # Triton launches on the current CUDA device, not on the tensors' (a model on cuda:1 while
+    # cuda:0 is current would fault): every entry point makes the tensors' device current.
     def conv(self, unit, x, stride, relu=True, residual=None):
-        return self._ops.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
+        with on_device_of(x):
+            return self._ops.conv_bias_act(x, unit.weight, unit.bias, stride, relu=relu, residual=residual)
 
     def pointwise(self, unit, x):
         c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
-        return self._ops.pointwise_bottleneck(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+        with on_device_of(x):
+            return self._ops.pointwise_bottleneck(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
 
     def spatial_mean_linear(self, x, weight, bias):
-        return self._ops.spatial_mean_linear(x, weight, bias)
+        with on_device_of(x):
+            return self._ops.spatial_mean_linear(x, weight, bias)
 
     def block_mean_linear(self, unit, x, weight, bias):
         # A 1x1-only last block (all BagNets) adds its output into the means in the last GEMM's
@@ -192,11 +198,18 @@ class TritonBackend(Backend):
         if not unit.is_pointwise or torch.are_deterministic_algorithms_enabled():
             return super().block_mean_linear(unit, x, weight, bias)
         c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
-        mean = self._ops.pointwise_bottleneck_mean(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
-        return self._ops.mean_linear(mean, weight, bias, x.dtype)
+        with on_device_of(x):
+            mean = self._ops.pointwise_bottleneck_mean(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+            return self._ops.mean_linear(mean, weight, bias, x.dtype)
 
     def patch_logits(self, x, weight, bias, classes=None):
-        return self._ops.patch_logits(x, weight, bias, classes)
+        with on_device_of(x):
+            return self._ops.patch_logits(x, weight, bias, classes)
+
+
+def on_device_of(x: torch.Tensor):
+    """The tensor's CUDA device made current for the block (nothing for other devices)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 class CudaBackend(Backend):

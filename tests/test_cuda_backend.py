@@ -178,6 +178,21 @@ def test_fallback_never_hides_other_errors(error, monkeypatch):
     assert plan.backend.name == "triton" and not executors._failed
 
 
+def test_triton_entry_points_make_the_tensors_device_current(monkeypatch):
+    # Triton launches on the current CUDA device; the backend enters the tensors' device first
+    # (the launch itself is checked with two GPUs in test_gpu_models.py).
+    class OnSecondGpu:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or "guard")
+    assert executors.on_device_of(OnSecondGpu()) == "guard" and entered == [torch.device("cuda", 1)]
+    with executors.on_device_of(torch.zeros(1)):  # nothing to do for CPU tensors
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
 def test_info_cli_lists_the_cuda_backend():
     # A subprocess, as a user runs it (and importing the CLI's modules here, in the test process,
     # was seen to break the Triton interpreter tests that run after this file).

@@ -149,6 +149,21 @@ def test_cuda_graph_runner(dtype_name):
     assert rel_err(runner(x2), eager2) <= 1e-6, "the graph replay did not read the new input"
 
 
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.device_count() >= 2), reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_model_on_the_second_gpu_while_the_first_is_current(backend):
+    # Triton launches on the current device: the backend must make the tensors' device current.
+    skip_unless_runnable(backend, torch.bfloat16)
+    model, x, expected = oracle("bagnet9", True)
+    fast = copy.deepcopy(model).to(device="cuda:1", dtype=torch.bfloat16)
+    fast.backend = backend
+    with torch.cuda.device(0), torch.inference_mode():
+        actual = fast(x.to("cuda:1", torch.bfloat16))
+        torch_out = fast.reference_forward(x.to("cuda:1", torch.bfloat16))
+    assert actual.device == torch.device("cuda", 1)
+    assert_within_torch_error(actual, torch_out, expected.to("cuda:1"), torch.bfloat16, f"cuda:1/{backend}")
+
+
 # --------------------------------------------------------------------------- every candidate tile
 
 # (op, shape) cases: BagNet widths, ragged pixel counts. conv: (Cin, Cout, k, stride, residual
