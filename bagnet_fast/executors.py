@@ -222,10 +222,11 @@ class CudaBackend(Backend):
       take ATen's cuBLASLt path with the RELU_BIAS / BIAS epilogue for a 1-D bias): the output
       is written once. A cuDNN 1x1 convolution would run the same GEMM after its heuristics,
       then add the bias in a second pass.
-    - k x k convolutions (the merged stem, the 3x3 of each stage's block 0): cuDNN without a
-      bias (``aten::cudnn_convolution``), then our ``bias_residual_act`` kernel for bias + ReLU
-      in one pass (ATen's biased cuDNN convolution adds the bias in a pass of its own, and ReLU
-      would be a third). float32 convolutions are exact fp32, not TF32 (PyTorch's default for
+    - the merged stem: our direct-convolution kernel ``stem_conv_bias_relu`` (see ``stem``).
+    - the 3x3 of each stage's block 0 (and the stem with ``BAGNET_FAST_CUDA_STEM=cudnn``):
+      cuDNN without a bias (``aten::cudnn_convolution``), then our ``bias_residual_act`` kernel
+      for bias + ReLU in one pass (ATen's biased cuDNN convolution adds the bias in a pass of
+      its own, and ReLU would be a third). float32 convolutions are exact fp32, not TF32 (PyTorch's default for
       cuDNN convolutions), so that float32 holds the 1e-5 parity; ``BAGNET_FAST_TF32=1`` opts
       into TF32, as for the Triton backend. The GEMMs follow PyTorch's matmul precision setting
       (exact fp32 by default).
@@ -246,6 +247,20 @@ class CudaBackend(Backend):
 
     def __init__(self) -> None:
         self._allow_tf32 = os.environ.get("BAGNET_FAST_TF32") == "1"
+        self._direct_stem = os.environ.get("BAGNET_FAST_CUDA_STEM", "direct") != "cudnn"
+
+    # The merged stem (3 -> 64 channels, 3x3) writes the widest map of the early network
+    # (64 x 222 x 222 per 224 image). Through cuDNN that map is written by the convolution, then
+    # read and written again by bias_residual_act; our direct-convolution kernel
+    # (stem_conv_bias_relu: 27 fp32 FMAs per output from shared memory) writes it once.
+    # Predicted: about 3 passes over the map saved against ~22 GFLOP of FMA work at batch 256,
+    # a win of roughly 1 ms; not yet measured. BAGNET_FAST_CUDA_STEM=cudnn takes the cuDNN path
+    # (benchmarks/gpu_check.py times both).
+    def stem(self, unit, x):
+        c_out, c_in, k, _ = unit.weight.shape
+        if self._direct_stem and (c_in, k, unit.stride) == (3, 3, 1) and c_out % 8 == 0 and c_out <= 256:
+            return torch.ops.bagnet_fast.stem_conv_bias_relu(x, unit.weight, unit.bias)
+        return self.conv(unit, x, unit.stride)
 
     def prepare(self, plan) -> None:
         units = [plan.stem] + [

@@ -251,7 +251,49 @@ def implementations(name: str, batch: int, args, device: torch.device) -> List[d
     if name == "bagnet33":
         for backend in [b for b in backends_for(bf16) if b != "torch"] or ["torch"]:
             rows.append({"impl": f"{PROFILE} bf16 [{backend}]", "profile": backend, "dtype": bf16})
+        rows.append({"impl": "stem implementations bf16", "profile": "stem", "dtype": bf16})
     return rows
+
+
+def stem_implementations(batch: int, args, device: torch.device, dtype: torch.dtype, budget: Budget) -> List[dict]:
+    """The merged stem (3 -> 64, 3x3, bias, ReLU) of BagNet-33 each way the backends run it: the
+    cuda backend's direct kernel (its default) against cuDNN + bias_residual_act
+    (BAGNET_FAST_CUDA_STEM=cudnn), and the Triton implicit GEMM. Decides the cuda backend's
+    default (executors.CudaBackend.stem)."""
+    model = make_bagnet("bagnet33", device, dtype)
+    stem = bagnet_fast.build_plan(model, "torch").stem
+    x = torch.randn(batch, 3, args.image, args.image, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ops = torch.ops.bagnet_fast
+    ways = {}
+    if bagnet_fast.ops.has_op("stem_conv_bias_relu", "CUDA" if device.type == "cuda" else "CPU"):
+        ways["direct kernel (stem_conv_bias_relu)"] = lambda: ops.stem_conv_bias_relu(x, stem.weight, stem.bias)
+    if device.type == "cuda" and bagnet_fast.ops.has_op("bias_residual_act", "CUDA"):
+        def cudnn_then_epilogue():
+            y = torch.ops.aten.cudnn_convolution(x, stem.weight, [0, 0], [1, 1], [1, 1], 1, False, False, False)
+            return ops.bias_residual_act(y, stem.bias, None, True)
+
+        ways["cuDNN + bias_residual_act"] = cudnn_then_epilogue
+    if bagnet_fast.backends(device, dtype)["triton"]["available"]:
+        from bagnet_fast.ops import triton_ops
+
+        ways["Triton conv_bias_act"] = lambda: triton_ops.conv_bias_act(x, stem.weight, stem.bias, 1)
+    if not ways:
+        ways["torch conv2d + relu (no fused implementation here)"] = lambda: torch.relu(
+            torch.nn.functional.conv2d(x, stem.weight, stem.bias))
+    out_pixels = batch * (args.image - 2) ** 2
+    moved = (x.numel() + out_pixels * 64) * x.element_size()
+    results = []
+    for way, fn in ways.items():
+        entry = {"name": way}
+        try:
+            entry.update(benchmark(fn, device, budget, 0.2, args.min_repeats))
+            entry["gbytes_per_s"] = moved / entry["median_s"] / 1e9
+            entry["tflops_per_s"] = 2 * 27 * 64 * out_pixels / entry["median_s"] / 1e12
+        except Exception as error:  # noqa: BLE001 - one way's failure never stops the others
+            entry["note"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+        results.append(entry)
+    return results
 
 
 def unit_profile(name: str, batch: int, args, device: torch.device, backend: str, dtype: torch.dtype,
@@ -394,6 +436,13 @@ def markdown(result: dict) -> str:
 
 def profile_markdown(profile: dict) -> List[str]:
     lines = ["", f"## {profile['model']} {profile['impl']}, batch {profile['batch']}", ""]
+    if "stem" in profile:
+        lines += ["| implementation | ms | GB/s | TFLOP/s | note |", "|---|---:|---:|---:|---|"]
+        for way in profile["stem"]:
+            lines.append(f"| {way['name']} | " + (
+                f"{way['median_s'] * 1e3:.3f} | {way['gbytes_per_s']:.0f} | {way['tflops_per_s']:.1f} | |"
+                if "median_s" in way else f"– | – | – | {way.get('note', '')} |"))
+        return lines
     if "units" not in profile:
         return lines + [f"Not measured: {profile.get('note', '')}"]
     lines += ["| unit | kind | ms | TFLOP/s | GB/s | % of roofline | bound |", "|---|---|---:|---:|---:|---:|---|"]
@@ -424,9 +473,12 @@ def run_profile(record: dict, name: str, batch: int, row: dict, args, device: to
     """One unit profile into result["profiles"]; an error or OOM is recorded, never raised."""
     peaks = result["limits"].get("peaks")
     try:
-        if not peaks:
+        if row["profile"] == "stem":
+            record["stem"] = stem_implementations(batch, args, device, row["dtype"], Budget(30))
+        elif not peaks:
             raise RuntimeError("no device limits measured: no roofline")
-        record["units"] = unit_profile(name, batch, args, device, row["profile"], row["dtype"], peaks)
+        else:
+            record["units"] = unit_profile(name, batch, args, device, row["profile"], row["dtype"], peaks)
     except Exception as error:  # noqa: BLE001 - one row's failure never stops the others
         record["note"] = "OOM" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:200]}"
         if not is_oom(error):
@@ -435,7 +487,8 @@ def run_profile(record: dict, name: str, batch: int, row: dict, args, device: to
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["profiles"].append(record)
-    print(f"{name:9s} b{batch:<4d} {row['impl']:45s} " + ("done" if "units" in record else record["note"]), flush=True)
+    done = "units" in record or "stem" in record
+    print(f"{name:9s} b{batch:<4d} {row['impl']:45s} " + ("done" if done else record["note"]), flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,6 +26,12 @@ TORCH_LIBRARY(bagnet_fast, m) {
   m.def(
       "preprocess(Tensor images, float[] mean, float[] std, int[] pad, ScalarType dtype) -> "
       "Tensor");
+  // The merged stem: relu(conv_valid(x, weight) + bias), stride 1, for x (N, 3, H, W) of any
+  // strides and weight (Cout, 3, 3, 3) -> (N, Cout, H - 2, W - 2) channels-last. A direct
+  // convolution in fp32: 27 products per output, too few and too narrow (3 input channels) for
+  // the tiles of a GEMM, and the bias and ReLU applied before the only write of the widest
+  // early map.
+  m.def("stem_conv_bias_relu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
 }
 
 // `import bagnet_fast._C` loads this library, which registers the operators above.

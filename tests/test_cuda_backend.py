@@ -38,11 +38,16 @@ def reference(model, x, avg_pool=True):
 
 
 @needs_extension
+@pytest.mark.parametrize("stem", ["direct", "cudnn"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_composition_on_cpu_matches_reference(name):
+def test_composition_on_cpu_matches_reference(name, stem, monkeypatch):
+    monkeypatch.setenv("BAGNET_FAST_CUDA_STEM", stem)
     model = make_model(name, num_classes=20)
     q = model.patch_size
     plan = cuda_backend_plan(model)
+    convolved = []
+    conv = CudaBackend.conv
+    monkeypatch.setattr(CudaBackend, "conv", lambda self, unit, *a, **kw: convolved.append(unit) or conv(self, unit, *a, **kw))
     # q: a 1x1 map; q + 9 by q + 3: ragged, non-square; 64: several output rows and columns.
     for batch, height, width in ((1, q, q), (2, q + 9, q + 3), (3, 64, 57)):
         x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
@@ -51,6 +56,8 @@ def test_composition_on_cpu_matches_reference(name):
             patches = plan.run(x, avg_pool=False)
         assert patches.shape == (batch, (height - q) // 8 + 1, (width - q) // 8 + 1, 20)
         assert rel_err(patches, reference(model, x, avg_pool=False)) <= FP32_RTOL
+    # The direct stem kernel, unless the cuDNN path was asked for.
+    assert any(unit is plan.stem for unit in convolved) == (stem == "cudnn")
 
 
 @needs_extension

@@ -307,8 +307,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(impl.startswith("fast bf16") or impl.startswith("fast fp32") for _, impl in measured)
     assert "goals" in data
     # The unit profile of the fast plan: every unit of the FLOP table timed, with its roofline.
-    (profile,) = data["profiles"]
+    profile, stem = data["profiles"]
     assert profile["impl"] == "unit profile bf16 [torch]", profile
+    # The stem's implementations side by side (on the CPU: the direct kernel's C++ twin only).
+    assert [way["name"] for way in stem["stem"]] == ["direct kernel (stem_conv_bias_relu)"], stem
+    assert stem["stem"][0]["median_s"] > 0
     units = {unit["name"]: unit for unit in profile["units"]}
     assert {"end to end", "stem", "layer4.2", "head"} <= set(units)
     assert all(unit["seconds"] > 0 for unit in units.values())

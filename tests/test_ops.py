@@ -138,6 +138,61 @@ def test_bias_residual_act_reads_cropped_channels_last_views():
     assert rel_err(ops.bias_residual_act(y, bias, full, True), expected) <= 1e-6
 
 
+def _stem_args(batch, height, width, c_out=64, dtype=torch.float32, layout="channels_last", seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, height, width + (3 if layout == "sliced" else 0), generator=g).to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # a strided view: a crop of a wider image
+        x = x[..., 2 : 2 + width]
+    weight = (torch.randn(c_out, 3, 3, 3, generator=g) * 27**-0.5).to(device, dtype)
+    bias = (torch.randn(c_out, generator=g) * 0.1).to(device, dtype)
+    return x, weight.contiguous(memory_format=torch.channels_last), bias
+
+
+def _stem_reference(x, weight, bias):
+    return torch.nn.functional.conv2d(x.double(), weight.double(), bias.double()).relu()
+
+
+# 3x3 images give a 1x1 output; the others are ragged. Cout = 64 is BagNet's, 8 the smallest.
+@pytest.mark.parametrize("batch,height,width,c_out", [(1, 3, 3, 64), (2, 9, 11, 64), (3, 17, 5, 8)])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+def test_stem_conv_bias_relu_matches_reference(batch, height, width, c_out, layout):
+    args = _stem_args(batch, height, width, c_out, layout=layout)
+    assert (layout == "sliced") != args[0].is_contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    actual = ops.stem_conv_bias_relu(*args)
+    assert actual.shape == (batch, c_out, height - 2, width - 2)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(actual, _stem_reference(*args)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stem_conv_bias_relu_rounds_once_in_16_bit(dtype):
+    # fp32 accumulation and one rounding: within one rounding of the exact result (eps / 2 of the
+    # largest value; eps leaves room for a different fp32 summation order flipping one).
+    args = _stem_args(2, 8, 10, dtype=dtype)
+    actual = ops.stem_conv_bias_relu(*args)
+    assert actual.dtype == dtype
+    assert rel_err(actual, _stem_reference(*args)) <= torch.finfo(dtype).eps
+
+
+def test_stem_conv_bias_relu_bad_input():
+    x, w, b = _stem_args(1, 5, 5)
+    cases = [
+        ((x[:, :2], w, b), "x must be \\(N, 3, H, W\\)"),
+        ((x[..., :2, :], w, b), "at least 3x3 pixels"),
+        ((x, w[:, :, :1, :1], b), "weight must be \\(Cout, 3, 3, 3\\)"),
+        ((x, w[:60], b[:60]), "multiple of 8"),
+        ((x, w, b[:8]), "bias must have shape"),
+        ((x, w.double(), b), "dtype and device of x"),
+        ((x.double(), w.double(), b.double()), "supports float32, float16 and bfloat16"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.stem_conv_bias_relu(*args)
+
+
 def test_opcheck():
     """Schemas, fake kernels and dispatcher registrations are consistent (torch.library.opcheck)."""
     bottleneck = _bottleneck_args(2, 64, 16, 5, 3)
@@ -148,6 +203,7 @@ def test_opcheck():
         (ops.bias_residual_act.default, (y, torch.randn(8), torch.randn(2, 8, 4, 6), True)),
         (ops.bias_residual_act.default, (y, torch.randn(8), None, False)),
         (ops.spatial_mean_linear.default, (y, torch.randn(5, 8), torch.randn(5))),
+        (ops.stem_conv_bias_relu.default, _stem_args(2, 6, 7, c_out=16)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -208,6 +264,21 @@ def test_cuda_spatial_mean_linear(dtype):
     low = [t.to(dtype) for t in (x, w, b)]
     tolerance = _low_precision_tolerance(dtype, rel_err(ref.spatial_mean_linear(*low), expected))
     assert rel_err(ops.spatial_mean_linear(*low), expected) <= tolerance
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("batch,height,width,c_out", [(1, 3, 3, 64), (3, 37, 29, 64), (2, 224, 224, 64), (1, 9, 7, 8)])
+def test_cuda_stem_conv_bias_relu(dtype, layout, batch, height, width, c_out):
+    x, w, b = _stem_args(batch, height, width, c_out, dtype=dtype, layout=layout, device="cuda")
+    assert (layout == "sliced") != x.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    actual = ops.stem_conv_bias_relu(x, w, b)
+    assert actual.is_contiguous(memory_format=torch.channels_last) and actual.dtype == dtype
+    # As on the CPU: fp32 within 1e-6, 16-bit within one rounding of the exact result.
+    bound = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert rel_err(actual, _stem_reference(x, w, b)) <= bound
+    torch.library.opcheck(ops.stem_conv_bias_relu.default, (x, w, b))
 
 
 @needs_cuda

@@ -54,3 +54,10 @@ if _extension.loaded():
         return images.new_empty(
             (n, 3, height + top + bottom, width + left + right), dtype=dtype
         ).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("bagnet_fast::stem_conv_bias_relu")
+    def _stem_conv_bias_relu_fake(x, weight, bias):
+        torch._check(x.dim() == 4 and x.shape[1] == 3, lambda: "x must be (N, 3, H, W)")
+        torch._check(tuple(weight.shape[1:]) == (3, 3, 3), lambda: "weight must be (Cout, 3, 3, 3)")
+        n, _, height, width = x.shape
+        return x.new_empty((n, weight.shape[0], height - 2, width - 2)).contiguous(memory_format=torch.channels_last)

@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "../preprocess.h"
+#include "../stem.h"
 
 namespace bagnet_fast {
 namespace {
@@ -280,6 +282,46 @@ at::Tensor preprocess_cpu(const at::Tensor& images, at::ArrayRef<double> mean,
   return out;
 }
 
+// relu(conv3x3_valid(x) + bias) with 3 input channels, the twin of the CUDA kernel: fp32
+// accumulation starting from the bias, taps in (kh, kw, c) order. Parallel over output rows.
+at::Tensor stem_conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.device().is_cpu(), "bagnet_fast: stem_conv_bias_relu: x must be on the CPU here");
+  check_stem_args(x, weight, bias);
+  at::Tensor out = stem_output(x, weight);
+  if (out.numel() == 0) return out;
+  const int64_t cout = weight.size(0), out_height = out.size(2), out_width = out.size(3);
+  // taps[(kh * 3 + kw) * 3 + c][o]: one contiguous row of Cout weights per input value.
+  const at::Tensor taps = weight.permute({2, 3, 1, 0}).reshape({27, cout}).to(at::kFloat).contiguous();
+  const at::Tensor bias_f = bias.to(at::kFloat).contiguous();
+  const float* tap = taps.const_data_ptr<float>();
+  const float* b = bias_f.const_data_ptr<float>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bagnet_fast::stem_conv_bias_relu", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();  // (N, H', W', Cout) in memory
+    at::parallel_for(0, x.size(0) * out_height, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(cout);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / out_height, ho = row % out_height;
+        for (int64_t wo = 0; wo < out_width; ++wo) {
+          std::copy(b, b + cout, acc.begin());
+          const scalar_t* window = in + n * sn + ho * sh + wo * sw;
+          for (int64_t t = 0; t < 9; ++t) {
+            for (int64_t c = 0; c < 3; ++c) {
+              const float v = static_cast<float>(window[c * sc + (t / 3) * sh + (t % 3) * sw]);
+              const float* w = tap + (t * 3 + c) * cout;
+              for (int64_t o = 0; o < cout; ++o) acc[o] += v * w[o];
+            }
+          }
+          scalar_t* y = dst + (row * out_width + wo) * cout;
+          for (int64_t o = 0; o < cout; ++o) y[o] = static_cast<scalar_t>(std::max(acc[o], 0.f));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bagnet_fast, CPU, m) {
@@ -288,6 +330,7 @@ TORCH_LIBRARY_IMPL(bagnet_fast, CPU, m) {
   m.impl("pointwise_bottleneck_", &pointwise_bottleneck_inplace_cpu);
   m.impl("bias_residual_act", &bias_residual_act_cpu);
   m.impl("spatial_mean_linear", &spatial_mean_linear_cpu);
+  m.impl("stem_conv_bias_relu", &stem_conv_bias_relu_cpu);
 }
 
 // The plan passes oneDNN-prepacked weights, whose MkldnnCPU key outranks CPU in dispatch.

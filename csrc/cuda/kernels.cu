@@ -191,7 +191,101 @@ cudaError_t launch_preprocess(const uint8_t* images, void* out, int64_t batch, i
   return cudaGetLastError();
 }
 
+// The merged stem, relu(conv3x3_valid(x) + bias) with 3 input channels: a direct convolution.
+// Work item = (output pixel, group of 8 output channels): 27 input values, 216 FMAs from the
+// fp32 weights in shared memory, one 16-byte store (two in fp32). The 8 items of a pixel are
+// consecutive threads, so a warp writes 4 whole pixels (512 contiguous bytes in 16-bit dtypes)
+// and reads each input value once per pixel (broadcast); neighbouring pixels' windows overlap
+// in L1. A grid-stride loop over a grid of a few blocks per SM fills shared memory once per
+// block, not once per item.
+template <typename T>
+__global__ void stem_conv_bias_relu_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                                           const T* __restrict__ bias, T* __restrict__ out,
+                                           int64_t pixels, int64_t out_height, int64_t out_width,
+                                           int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                                           StemWeightStrides ws, int cout) {
+  extern __shared__ float stem_smem[];  // taps[(kh * 3 + kw) * 3 + c][o], then bias[o]
+  float* taps = stem_smem;
+  float* b = stem_smem + 27 * cout;
+  for (int i = threadIdx.x; i < 28 * cout; i += blockDim.x) {
+    if (i < 27 * cout) {
+      const int o = i % cout, tc = i / cout, c = tc % 3, t = tc / 3;
+      taps[i] = to_float(weight[o * ws.o + c * ws.c + (t / 3) * ws.h + (t % 3) * ws.w]);
+    } else {
+      b[i - 27 * cout] = to_float(bias[i - 27 * cout]);
+    }
+  }
+  __syncthreads();
+  constexpr int kGroup = 8;
+  using P = Pack<T, kGroup>;
+  const int groups = cout / kGroup;
+  const int64_t items = pixels * groups;
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < items;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pixel = item / groups;
+    const int o0 = static_cast<int>(item % groups) * kGroup;
+    const int64_t wo = pixel % out_width;
+    const int64_t ho = (pixel / out_width) % out_height;
+    const int64_t n = pixel / (out_width * out_height);
+    const T* window = x + n * sn + ho * sh + wo * sw;
+    float acc[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) acc[k] = b[o0 + k];
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
+        const float v = to_float(window[c * sc + (t / 3) * sh + (t % 3) * sw]);
+        const float* w = taps + (t * 3 + c) * cout + o0;
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) acc[k] = fmaf(v, w[k], acc[k]);
+      }
+    }
+    P result;
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) result.v[k] = from_float<T>(fmaxf(acc[k], 0.f));
+    *reinterpret_cast<P*>(out + pixel * cout + o0) = result;
+  }
+}
+
+template <typename T>
+cudaError_t launch_stem_conv_bias_relu(const void* x, const void* weight, const void* bias, void* out,
+                                       int64_t batch, int64_t out_height, int64_t out_width,
+                                       const int64_t x_strides[4], StemWeightStrides ws, int cout,
+                                       int max_blocks, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t pixels = batch * out_height * out_width;
+  const int64_t items = pixels * (cout / 8);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, max_blocks));
+  const size_t shared = sizeof(float) * 28 * cout;
+  stem_conv_bias_relu_kernel<T><<<static_cast<unsigned>(blocks), kThreads, shared, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+      static_cast<T*>(out), pixels, out_height, out_width, x_strides[0], x_strides[1], x_strides[2],
+      x_strides[3], ws, cout);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t stem_conv_bias_relu(DType dtype, const void* x, const void* weight, const void* bias,
+                                void* out, int64_t batch, int64_t out_height, int64_t out_width,
+                                const int64_t x_strides[4], StemWeightStrides weight_strides,
+                                int cout, int max_blocks, cudaStream_t stream) {
+  if (batch * out_height * out_width == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_stem_conv_bias_relu<float>(x, weight, bias, out, batch, out_height, out_width,
+                                               x_strides, weight_strides, cout, max_blocks, stream);
+    case DType::kFloat16:
+      return launch_stem_conv_bias_relu<__half>(x, weight, bias, out, batch, out_height, out_width,
+                                                x_strides, weight_strides, cout, max_blocks, stream);
+    case DType::kBFloat16:
+      return launch_stem_conv_bias_relu<__nv_bfloat16>(x, weight, bias, out, batch, out_height,
+                                                       out_width, x_strides, weight_strides, cout,
+                                                       max_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t spatial_mean(DType dtype, const void* x, void* out, int64_t batch, int64_t pixels,
                          int64_t channels, cudaStream_t stream) {

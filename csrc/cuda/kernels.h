@@ -39,5 +39,19 @@ cudaError_t preprocess(DType dtype, const uint8_t* images, void* out, int64_t ba
                        int64_t bottom, int64_t left, int64_t right, PreprocessAffine affine,
                        cudaStream_t stream);
 
+// Element strides of a (Cout, 3, 3, 3) weight, read in place in any layout.
+struct StemWeightStrides {
+  int64_t o, c, h, w;
+};
+
+// out (N, H', W', Cout) contiguous = relu(conv3x3_valid(x) + bias) for x (N, 3, H' + 2, W' + 2)
+// read at n * x_strides[0] + c * x_strides[1] + h * x_strides[2] + w * x_strides[3]. Cout a
+// multiple of 8, 28 * Cout floats of shared memory; out 16-byte aligned (32 in fp32). At most
+// max_blocks blocks of 256 threads (a few per SM).
+cudaError_t stem_conv_bias_relu(DType dtype, const void* x, const void* weight, const void* bias,
+                                void* out, int64_t batch, int64_t out_height, int64_t out_width,
+                                const int64_t x_strides[4], StemWeightStrides weight_strides,
+                                int cout, int max_blocks, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace bagnet_fast

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../preprocess.h"
+#include "../stem.h"
 #include "kernels.h"
 
 namespace bagnet_fast {
@@ -191,6 +192,26 @@ at::Tensor preprocess_cuda(const at::Tensor& images, at::ArrayRef<double> mean,
   return out;
 }
 
+at::Tensor stem_conv_bias_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.is_cuda(), "bagnet_fast: stem_conv_bias_relu: x must be a CUDA tensor here, got ", x.device());
+  check_stem_args(x, weight, bias);
+  // 28 * Cout fp32 values of shared memory: within the 48 KB every GPU gives without opting in.
+  TORCH_CHECK(weight.size(0) <= 256, "bagnet_fast: stem_conv_bias_relu on CUDA supports up to 256 output "
+              "channels, got ", weight.size(0));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = stem_output(x, weight);
+  const int64_t x_strides[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const cuda::StemWeightStrides ws{weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
+  const int max_blocks = 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  check_launch(cuda::stem_conv_bias_relu(kernel_dtype(x.scalar_type()), x.const_data_ptr(),
+                                         weight.const_data_ptr(), bias.const_data_ptr(),
+                                         out.mutable_data_ptr(), out.size(0), out.size(2), out.size(3),
+                                         x_strides, ws, static_cast<int>(weight.size(0)), max_blocks,
+                                         at::cuda::getCurrentCUDAStream()),
+               "stem_conv_bias_relu");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bagnet_fast, CUDA, m) {
@@ -199,6 +220,7 @@ TORCH_LIBRARY_IMPL(bagnet_fast, CUDA, m) {
   m.impl("bias_residual_act", &bias_residual_act_cuda);
   m.impl("spatial_mean_linear", &spatial_mean_linear_cuda);
   m.impl("preprocess", &preprocess_cuda);
+  m.impl("stem_conv_bias_relu", &stem_conv_bias_relu_cuda);
 }
 
 }  // namespace bagnet_fast
