@@ -226,10 +226,10 @@ class CudaBackend(Backend):
     - the 3x3 of each stage's block 0 (and the stem with ``BAGNET_FAST_CUDA_STEM=cudnn``):
       cuDNN without a bias (``aten::cudnn_convolution``), then our ``bias_residual_act`` kernel
       for bias + ReLU in one pass (ATen's biased cuDNN convolution adds the bias in a pass of
-      its own, and ReLU would be a third). float32 convolutions are exact fp32, not TF32 (PyTorch's default for
-      cuDNN convolutions), so that float32 holds the 1e-5 parity; ``BAGNET_FAST_TF32=1`` opts
-      into TF32, as for the Triton backend. The GEMMs follow PyTorch's matmul precision setting
-      (exact fp32 by default).
+      its own, and ReLU would be a third). float32 convolutions are exact fp32, not TF32
+      (PyTorch's default for cuDNN convolutions), so that float32 holds the 1e-5 parity;
+      ``BAGNET_FAST_TF32=1`` opts into TF32, as for the Triton backend. The GEMMs follow
+      PyTorch's matmul precision setting (exact fp32 by default).
     - 1x1 convolutions with a residual (each conv3): a GEMM, then ``bias_residual_act`` reads
       the GEMM output and the residual (cropped top-left in the kernel, by strides, no copy) and
       writes relu(y + bias + residual) once.
