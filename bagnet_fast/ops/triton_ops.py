@@ -286,7 +286,8 @@ def _conv(
         y_strides = y.stride()
     # The weight is read in place through its strides, the B operand [ci, co] of each tap. The
     # plan keeps weights channels-last (Cin contiguous: coalesced along the reduction, the
-    # K-major B tile wgmma takes); other layouts are made so here, once per call.
+    # K-major B tile wgmma takes); k x k weights in other layouts are made so here, once per
+    # call (a 1x1 weight is read as it is: any layout is one strided [Cin, Cout] tile).
     w = weight.to(x.dtype)
     if k > 1 and w.stride(1) != 1:
         w = w.contiguous(memory_format=torch.channels_last)
