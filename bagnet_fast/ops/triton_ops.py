@@ -384,9 +384,7 @@ def _triton_pointwise_bottleneck(
     x: (N, C, H, W) channels-last. Returns (N, C, H, W) channels-last."""
     channels, p_pad = _check_pointwise(x, w1, w2, w3)
     if _is_wide(p_pad, x.dtype):
-        t = _conv(x, w1, b1, 1, True, None)
-        t = _conv(t, w2, b2, 1, True, None)
-        return _conv(t, w3, b3, 1, True, x)
+        return _split_pointwise(x, w1, b1, w2, b2, w3, b3)
     return _fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels, p_pad)
 
 
@@ -406,10 +404,16 @@ def _triton_pointwise_bottleneck_mean(
     writes its map and the mean kernel reads it."""
     channels, p_pad = _check_pointwise(x, w1, w2, w3)
     if _is_wide(p_pad, x.dtype):
-        t = _conv(x, w1, b1, 1, True, None)
-        t = _conv(t, w2, b2, 1, True, None)
-        return _conv(t, w3, b3, 1, True, x, mean_output=True)
+        return _split_pointwise(x, w1, b1, w2, b2, w3, b3, mean_output=True)
     return _spatial_mean(_fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels, p_pad))
+
+
+def _split_pointwise(x, w1, b1, w2, b2, w3, b3, mean_output: bool = False) -> torch.Tensor:
+    """A wide block as three 1x1 GEMMs with fused epilogues, the residual added in the last one
+    (and with ``mean_output`` the per-image means of its result instead of the map)."""
+    t = _conv(x, w1, b1, 1, True, None)
+    t = _conv(t, w2, b2, 1, True, None)
+    return _conv(t, w3, b3, 1, True, x, mean_output=mean_output)
 
 
 def _fused_pointwise(x, w1, b1, w2, b2, w3, b3, channels: int, p_pad: int) -> torch.Tensor:
