@@ -107,29 +107,103 @@ def test_missing_and_corrupt_weight_files(tmp_path):
         bagnet_fast.bagnet9(pretrained=True, weights=str(corrupt))
 
 
-def test_pretrained_offline_error_names_url_and_remedy(monkeypatch):
+@pytest.fixture
+def hub_dir(tmp_path):
+    """An empty torch.hub cache for one test."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub" / "checkpoints"
+    torch.hub.set_dir(old)
+
+
+def _publish(monkeypatch, name, path):
+    """Pretend the published file of ``name`` is ``path``: its URL carries path's sha256 prefix."""
+    import hashlib
+
+    prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    url = f"https://example.invalid/bagnet-{prefix}.pth.tar"
+    monkeypatch.setitem(weights.PRETRAINED_URLS, name, url)
+    return url, prefix
+
+
+def test_pretrained_offline_error_names_url_and_remedy(monkeypatch, hub_dir):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError) as info:
         bagnet_fast.bagnet33(pretrained=True)
     message = str(info.value)
     assert weights.PRETRAINED_URLS["bagnet33"] in message
-    assert "weights=PATH" in message
+    assert "weights=PATH" in message and str(hub_dir / "bagnet32-2ddd53ed.pth.tar") in message
 
 
-def test_pretrained_checks_hash(monkeypatch, source):
-    seen = {}
+def test_pretrained_downloads_once_and_checks_hash_on_every_load(monkeypatch, hub_dir, source, tmp_path):
+    published = tmp_path / "published.pth"
+    torch.save(source.state_dict(), published)
+    url, prefix = _publish(monkeypatch, "bagnet17", published)
+    downloads = []
 
-    def fake_download(url, **kwargs):
-        seen.update(kwargs, url=url)
-        return source.state_dict()
+    def download(url, dst, hash_prefix=None, progress=True):
+        downloads.append((url, hash_prefix))
+        import shutil
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
-    bagnet_fast.bagnet17(pretrained=True, num_classes=10)
-    assert seen["check_hash"] is True
-    assert seen["url"].endswith("bagnet16-105524de.pth.tar")
+        shutil.copyfile(published, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        model = bagnet_fast.bagnet17(pretrained=True, num_classes=10)
+    assert downloads == [(url, prefix)]  # the second load used the cache
+    assert torch.equal(model.fc.weight, source.fc.weight)
+    # The cached file changes (a truncated copy, a planted file): refused, whatever its content.
+    cached = hub_dir / f"bagnet-{prefix}.pth.tar"
+    cached.write_bytes(published.read_bytes()[:-10])
+    with pytest.raises(RuntimeError, match=f"sha256 is .*promises {prefix}.*Delete it"):
+        bagnet_fast.bagnet17(pretrained=True, num_classes=10)
+
+
+class _RunsCode:
+    """A pickle that runs a command when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pretrained_never_runs_code_from_the_cache(monkeypatch, hub_dir, tmp_path):
+    """A malicious pickle planted at the cache path runs nothing: its hash is wrong, and even with
+    a matching hash prefix (8 hex digits can be brute-forced) it is read with weights_only=True."""
+    marker = tmp_path / "pwned"
+    hub_dir.mkdir(parents=True)
+    planted = hub_dir / "bagnet8-34f4ccd2.pth.tar"
+    torch.save({"conv1.weight": _RunsCode(marker)}, planted)
+    with pytest.raises(RuntimeError, match="is not the published bagnet9 checkpoint"):
+        bagnet_fast.bagnet9(pretrained=True)
+    assert not marker.exists()
+    _publish(monkeypatch, "bagnet9", planted)  # now the hash matches
+    planted.rename(weights.pretrained_path("bagnet9"))
+    with pytest.raises(ValueError, match="not a checkpoint of tensors.*model.state_dict"):
+        bagnet_fast.bagnet9(pretrained=True)
+    assert not marker.exists()
+
+
+def test_whole_model_pickle_is_refused_with_advice(tmp_path, source):
+    path = tmp_path / "model.pth"
+    torch.save(source, path)
+    with pytest.raises(ValueError, match=r"torch.save\(model.state_dict\(\), path\)") as info:
+        bagnet_fast.accelerate(str(path))
+    assert "weights_only=False" not in str(info.value).split("(torch said")[0]
+
+
+def test_state_dict_with_a_non_tensor_entry_loads_with_a_warning(source):
+    state = dict(source.state_dict(), epoch=7)
+    with pytest.warns(UserWarning, match="not tensors: {'epoch': 'int'}"):
+        fast = bagnet_fast.accelerate(state)
+    _check_fast(fast, source)
 
 
 @pytest.mark.parametrize(
