@@ -11,70 +11,25 @@ read on another. Writes ``bench.json`` and, when matplotlib is installed, ``benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from . import flops as _flops
-from ._io import write_atomically
 from . import models as _models
+from ._io import check_new_outputs, matplotlib_figure, prepare_output_dir, save_png, write_json
 from .executors import backends, select
 from .plan import get_plan
+from .timing import DTYPES, cpu_name, device_name, measure, measure_peaks, resolve_device
 
-__all__ = ["measure", "measure_peaks", "run_bench", "add_arguments", "write_atomically", "check_new_outputs"]
+__all__ = ["run_bench", "add_arguments", "main"]
 
 # Brendel & Bethge (2019), on their 2018 GPU: BagNet-33 155 img/s vs ResNet-50 570 img/s. It is
 # the FLOP ratio (8.2 / 32.5 GFLOP = 0.25) at equal efficiency; the bench measures both here.
 PAPER_IMAGES_PER_SECOND = {"bagnet33": 155.0, "resnet50": 570.0}
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> List[float]:
-    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
-    """The device's limits as reachable from PyTorch, measured now: the best of a few square
-    matmuls (FLOP/s) and of a few large copies (bytes read + written per second). Sizes are big
-    enough to leave the caches (CPU: 128 MiB; GPU: 1 GiB) and small enough to take < 1 s."""
-    on_gpu = device.type == "cuda"
-    n = 8192 if on_gpu else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    matmul = min(measure(lambda: torch.mm(a, b), device, warmup=1, repeats=5))
-    del a, b
-    elements = (1 << 30 if on_gpu else 128 << 20) // 4
-    src = torch.ones(elements, device=device)
-    dst = torch.empty_like(src)
-    copy = min(measure(lambda: dst.copy_(src), device, warmup=1, repeats=5))
-    return {
-        "matmul_flops_per_s": 2 * n**3 / matmul,
-        "copy_bytes_per_s": 2 * src.numel() * src.element_size() / copy,
-        "matmul_size": n,
-        "copy_mib": src.numel() * src.element_size() / 2**20,
-    }
-
 
 def _implementations(args, device, dtype) -> Dict[str, dict]:
     """name -> {"fn": images -> output, "costs": counted per-batch (FLOPs, bytes)}; the fast rows
@@ -182,11 +137,11 @@ def _ratios(rows: List[dict], model: str) -> Dict[str, float]:
 
 
 def run_bench(args) -> dict:
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     peaks = measure_peaks(device, dtype)
-    print(f"  device limits: matmul {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({args.dtype}), "
-          f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    print(f"  device limits: best GEMM {peaks['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({args.dtype}, "
+          f"{peaks['matmul_source']}), copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(dtype)
     rows = []
     impls = _implementations(args, device, dtype)  # outside inference_mode: normal parameters
@@ -202,7 +157,7 @@ def run_bench(args) -> dict:
             rows[-1]["first_call_seconds"] = first
             r = rows[-1]
             print(f"  {name:45s} {r['images_per_second']:9.2f} img/s {r['tflops_per_s']:8.3f} TFLOP/s "
-                  f"({r['percent_of_matmul_peak']:5.1f} % of matmul) {r['gbytes_per_s']:7.1f} GB/s", flush=True)
+                  f"({r['percent_of_matmul_peak']:5.1f} % of GEMM peak) {r['gbytes_per_s']:7.1f} GB/s", flush=True)
     return {
         "model": args.model, "batch": args.batch, "size": args.size, "device": str(device),
         "device_name": device_name(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -210,54 +165,6 @@ def run_bench(args) -> dict:
         "peaks": peaks, "rows": rows, "ratios": _ratios(rows, args.model),
         "paper_images_per_second": PAPER_IMAGES_PER_SECOND,
     }
-
-
-def cpu_name() -> str:
-    """The CPU model (/proc/cpuinfo on Linux; platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
-
-
-def check_new_outputs(paths: List[str], overwrite: bool) -> None:
-    """Refuse to replace earlier results unless asked (they may be the only record of a run)."""
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise SystemExit(f"{', '.join(existing)} exist(s): pass --overwrite or choose another --out")
-
-
-def write_json(path: str, data) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    write_atomically(path, write)
-
-
-def matplotlib_figure(figsize):
-    """A matplotlib Figure without pyplot's global state, or None (with a note) if matplotlib is
-    missing: plots are optional (pip install matplotlib)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed: no PNG written (pip install matplotlib)")
-        return None
-    return Figure(figsize=figsize, layout="constrained")
-
-
-def save_png(figure, path: str) -> None:
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
 
 def plot_bench(result: dict, path: str) -> bool:
@@ -305,6 +212,9 @@ def check_run_arguments(args) -> None:
 
 def main(args) -> int:
     check_run_arguments(args)
+    resolve_device(args.device)
+    # Every check that can fail comes before the benchmark, not after it.
+    prepare_output_dir(args.out)
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     check_new_outputs([json_path, png_path], args.overwrite)
     print(f"bench: {args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
@@ -312,7 +222,6 @@ def main(args) -> int:
     result = run_bench(args)
     for name, value in result["ratios"].items():
         print(f"  {name:45s} {value:8.2f}x")
-    os.makedirs(args.out, exist_ok=True)
     write_json(json_path, result)
     print(f"wrote {json_path}")
     if plot_bench(result, png_path):

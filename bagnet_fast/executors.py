@@ -33,7 +33,7 @@ from .ops import reference as ref
 
 __all__ = [
     "Backend", "TorchBackend", "CpuBackend", "TritonBackend", "CudaBackend", "FallbackBackend",
-    "available", "select", "backends", "is_kernel_failure",
+    "available", "select", "backends", "backend_names", "is_kernel_failure",
 ]
 
 
@@ -526,6 +526,11 @@ class FallbackBackend(Backend):
 
 def _relevant(backend: str, device: torch.device) -> bool:
     return {"cpu": "cpu", "triton": "cuda", "cuda": "cuda"}.get(backend) == device.type
+
+
+def backend_names() -> Tuple[str, ...]:
+    """The names ``backend=`` accepts."""
+    return tuple(_BACKENDS)
 
 
 def backends(device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32) -> Dict[str, Dict[str, object]]:

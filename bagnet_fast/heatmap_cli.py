@@ -18,17 +18,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import models as _models
-from ._io import write_atomically
+from ._io import clean_stale_temporaries, prepare_output_dir, write_atomically, write_json
 from .accelerate import bagnet_from_state_dict
-from .weights import load_checkpoint
+from .executors import backend_names
 from .explain import dense_heatmap, output_stride, patch_logits, select_patches
 from .plan import get_plan
+from .timing import resolve_device
+from .weights import file_sha256, load_checkpoint
 
 __all__ = ["add_arguments", "main", "find_images"]
 
@@ -42,30 +44,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--weights", metavar="FILE", help="a checkpoint (state_dict) of the model")
     source.add_argument("--pretrained", action="store_true", help="the authors' ImageNet weights (downloads)")
     source.add_argument("--random-init", action="store_true",
-                        help="untrained weights (for trying the tool; the explanations mean nothing)")
+                        help="untrained weights from --seed (for trying the tool; the explanations mean nothing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0; recorded)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--class", dest="target_class", type=int, metavar="N", help="explain class N")
     target.add_argument("--top", type=int, default=1, metavar="K", help="explain the K top predicted classes (default 1)")
+    # The summary lists this many top classes (and at least the --top K explained ones).
     parser.add_argument("--dense", action="store_true",
                         help="exact per-pixel heatmaps (shift-and-stitch) instead of the per-patch map")
     parser.add_argument("--patches", type=int, default=5, metavar="P", help="most/least indicative patches to report")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--backend", default=None, help="inference backend (default: the fastest available)")
+    parser.add_argument("--backend", default=None, choices=backend_names(),
+                        help="inference backend (default: the fastest available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG overlays")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def find_images(path: str) -> List[Path]:
-    """The image files at ``path`` (a file, or a folder searched recursively), sorted."""
+def find_images(path: str, exclude: Optional[Path] = None) -> List[Path]:
+    """The image files at ``path`` (a file, or a folder searched recursively), sorted; nothing
+    under ``exclude`` (the output folder, when it lies inside the input folder: its overlays are
+    PNGs too, and every rerun would explain them)."""
     root = Path(path)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"no such image or folder: {path}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    skip = exclude.resolve() if exclude is not None else None
+
+    def wanted(p: Path) -> bool:
+        if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            return False
+        return skip is None or not p.resolve().is_relative_to(skip)
+
+    return sorted(p for p in root.rglob("*") if wanted(p))
 
 
 def _output_stem(image: Path, root: Path, out: Path) -> Path:
@@ -74,17 +88,60 @@ def _output_stem(image: Path, root: Path, out: Path) -> Path:
     return out / relative
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB. Raises ValueError naming the file if it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path: Path) -> Tuple[torch.Tensor, List[str]]:
+    """(H, W, 3) uint8 RGB and what was done to get it (recorded in the summary): the EXIF
+    orientation applied, 16-bit and float pixels scaled to 8 bits. Raises ValueError naming the
+    file if it cannot be decoded or its pixel values cannot be read as an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    notes: List[str] = []
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
-            rgb.load()
+            image.load()
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+            if orientation not in (None, 1):
+                image = ImageOps.exif_transpose(image)
+                notes.append(f"EXIF orientation {orientation} applied")
+            pixels = _to_uint8(image, notes)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True))
+    except _UnreadablePixels as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return torch.from_numpy(pixels), notes
+
+
+class _UnreadablePixels(ValueError):
+    pass
+
+
+def _to_uint8(image, notes: List[str]) -> np.ndarray:
+    """8-bit RGB pixels of a PIL image. PIL's own convert("RGB") clips 16-bit values (mode I;16,
+    I) to 255 and truncates floats (mode F), which turns such images white or black."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise _UnreadablePixels(f"{mode} pixels in [{values.min():g}, {values.max():g}] are not 16-bit values")
+        notes.append(f"{mode} (16-bit grayscale) scaled by 255/65535")
+        return _gray_to_rgb(np.rint(values * (255.0 / 65535.0)))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if not np.isfinite(values).all() or low < 0 or high > 255:
+            raise _UnreadablePixels(f"float pixels in [{low:g}, {high:g}] (or not finite): convert the image "
+                                    f"to 8 bits with the scaling you mean")
+        scale = 255.0 if high <= 1.0 else 1.0
+        notes.append("float (mode F) pixels in [0, 1] scaled by 255" if scale == 255.0
+                     else "float (mode F) pixels in [0, 255] rounded")
+        return _gray_to_rgb(np.rint(values * scale))
+    if mode != "RGB":
+        notes.append(f"{mode} converted to RGB")
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8, copy=True)
+
+
+def _gray_to_rgb(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def _normalise(images: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -99,7 +156,7 @@ def _normalise(images: torch.Tensor, dtype: torch.dtype, device: torch.device) -
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(str(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+    write_json(str(path), data)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -111,14 +168,42 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     write_atomically(str(path), write)
 
 
-def _is_done(summary_path: Path) -> bool:
-    """The summary is written last: it exists and every output it lists exists."""
+def _summary(summary_path: Path) -> Optional[dict]:
+    """An image's summary if it is complete (written last, and every output it lists exists)."""
     try:
         summary = json.loads(summary_path.read_text())
         outputs = [e[key] for e in summary["explained"] for key in ("map", "png") if e.get(key)]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all((summary_path.parent / name).exists() for name in outputs)
+        return None
+    return summary if all((summary_path.parent / name).exists() for name in outputs) else None
+
+
+def run_configuration(args) -> dict:
+    """What an image's outputs depend on, recorded in its summary: a rerun with other options
+    must not count the old outputs as done."""
+    config = {"model": args.model, "dense": bool(args.dense), "class": args.target_class,
+              "top": None if args.target_class is not None else args.top, "patches": args.patches,
+              "plot": not args.no_plot}
+    if args.weights:
+        config["weights"] = {"file": os.path.abspath(args.weights), "sha256": _sha256(args.weights)}
+    elif args.pretrained:
+        config["weights"] = "pretrained"
+    else:
+        config["weights"] = {"random_init_seed": args.seed}
+    return config
+
+
+def _sha256(path: str) -> Optional[str]:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None  # reported when the checkpoint is loaded
+
+
+def _differences(old: Optional[dict], new: dict) -> List[str]:
+    if old is None:
+        return ["no recorded configuration (written by an older bagnet_fast)"]
+    return [f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key]]
 
 
 # --- the work --------------------------------------------------------------------------------
@@ -135,6 +220,7 @@ def _load_model(args, device: torch.device) -> torch.nn.Module:
             raise SystemExit(f"--weights {args.weights} holds a BagNet with patch size {model.patch_size}, "
                              f"not {args.model} (patch size {_models.PATCH_SIZES[args.model]}): pass the right --model")
     else:
+        torch.manual_seed(args.seed)  # --random-init: the same model in every rank and rerun
         model = getattr(_models, args.model)(pretrained=args.pretrained)
     model = model.to(device).eval()
     if args.backend:
@@ -146,12 +232,13 @@ def _explain_group(model, images: torch.Tensor, args) -> List[Dict]:
     """Results for a batch of same-size images: predictions, maps, top patches."""
     logits = model(images).float()
     probabilities = torch.softmax(logits, dim=1)
-    top = min(5, logits.shape[1])
-    ranked = logits.topk(top, dim=1).indices
+    # The summary lists the top 5 classes, or the K explained ones when --top K asks for more.
+    explained = 1 if args.target_class is not None else min(args.top, logits.shape[1])
+    ranked = logits.topk(min(max(5, explained), logits.shape[1]), dim=1).indices
     if args.target_class is not None:
         targets = torch.full((len(images), 1), args.target_class, dtype=torch.long, device=logits.device)
     else:
-        targets = ranked[:, : max(1, min(args.top, logits.shape[1]))]
+        targets = ranked[:, :explained]
     plan = get_plan(model)
     coarse = patch_logits(model, images)  # the patch map, and the patches to report
     results = []
@@ -194,7 +281,8 @@ def _save(result: Dict, image_uint8: torch.Tensor, stem: Path, args) -> None:
     height, width = image_uint8.shape[:2]
     summary = {
         "image": str(result["path"]), "size": [height, width], "model": args.model,
-        "weights": args.weights or ("pretrained" if args.pretrained else "random-init"),
+        "weights": args.weights or ("pretrained" if args.pretrained else f"random-init (seed {args.seed})"),
+        "configuration": result["configuration"], "conversions": result["conversions"],
         "patch_size": result["patch_size"], "stride": result["stride"],
         "map_convention": (
             "dense: value at pixel (y, x) = logit of the patch centred there (zero padding)"
@@ -240,16 +328,16 @@ def _distributed() -> Tuple[int, int]:
 
 def _device(args, rank: int) -> torch.device:
     if args.device:
-        return torch.device(args.device)
+        return resolve_device(args.device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def _groups_by_size(items: Sequence[Tuple[Path, torch.Tensor]]):
+def _groups_by_size(items: Sequence[Tuple[Path, torch.Tensor, List[str]]]):
     groups: Dict[Tuple[int, int], List] = {}
-    for path, image in items:
-        groups.setdefault(tuple(image.shape[:2]), []).append((path, image))
+    for item in items:
+        groups.setdefault(tuple(item[1].shape[:2]), []).append(item)
     return groups.values()
 
 
@@ -260,41 +348,71 @@ def _check_arguments(args) -> None:
         raise SystemExit("--top must be >= 1")
     if args.patches < 1:
         raise SystemExit("--patches must be >= 1")
+    if args.device:
+        resolve_device(args.device)
+
+
+def _to_do(shard: List[Path], root: Path, out: Path, config: dict, args) -> List[Path]:
+    """The images of this rank that need work. Outputs made with other options are not "done":
+    the run stops, saying which options differ, unless --overwrite recomputes them."""
+    todo, conflicts = [], {}
+    for path in shard:
+        summary = None if args.overwrite else _summary(Path(f"{_output_stem(path, root, out)}.json"))
+        if summary is None:
+            todo.append(path)
+        elif summary.get("configuration") != config:
+            conflicts.setdefault("; ".join(_differences(summary.get("configuration"), config)), []).append(path)
+    if conflicts:
+        lines = [f"  {len(paths)} image(s), e.g. {paths[0]}: {why}" for why, paths in conflicts.items()]
+        raise SystemExit(f"{out} holds outputs made with other options:\n" + "\n".join(lines) +
+                         "\npass --overwrite to recompute them, or choose another --out")
+    return todo
 
 
 def main(args) -> int:
     _check_arguments(args)
     rank, world = _distributed()
     device = _device(args, rank)
+    root = Path(args.inputs)
+    out = prepare_output_dir(args.out)
     try:
-        files = find_images(args.inputs)
+        files = find_images(args.inputs, exclude=out)
     except FileNotFoundError as error:
         raise SystemExit(str(error))
-    root, out = Path(args.inputs), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        clean_stale_temporaries(out)  # what killed runs left
     model = _load_model(args, device)
     classes = model.fc.weight.shape[0]
     if args.target_class is not None and not 0 <= args.target_class < classes:
         raise SystemExit(f"--class must be in [0, {classes}) for this model, got {args.target_class}")
-    dtype = model.fc.weight.dtype
+    config = run_configuration(args)
     shard = files[rank::world]
-    todo = [p for p in shard if args.overwrite or not _is_done(Path(f"{_output_stem(p, root, out)}.json"))]
+    todo = _to_do(shard, root, out, config, args)
     skipped = len(shard) - len(todo)
     failures: List[str] = []
+    done = 0
     bar = _progress_bar(len(todo), args.no_progress or rank != 0 and world > 1)
-    with torch.inference_mode():
-        for start in range(0, len(todo), args.batch_size):
-            batch_files = todo[start : start + args.batch_size]
-            readable = []
-            for path in batch_files:
-                try:
-                    readable.append((path, read_image(path)))
-                except ValueError as error:
-                    failures.append(str(error))
-                    print(f"error: {error}", file=sys.stderr)
-            for group in _groups_by_size(readable):
-                failures += _process_group(model, group, root, out, dtype, device, args)
-            bar.update(len(batch_files))
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(todo), args.batch_size):
+                batch_files = todo[start : start + args.batch_size]
+                readable = []
+                for path in batch_files:
+                    try:
+                        readable.append((path, *read_image(path)))
+                    except ValueError as error:
+                        failures.append(str(error))
+                        print(f"error: {error}", file=sys.stderr)
+                for group in _groups_by_size(readable):
+                    failed = _process_group(model, group, root, out, device, config, args)
+                    failures += failed
+                    done += len(group) - len(failed)
+                bar.update(len(batch_files))
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nheatmap: interrupted; {done} image(s) explained in this run{' by this rank' if world > 1 else ''}, "
+              f"{skipped} done before. Rerun the same command to resume.", file=sys.stderr)
+        return 130
     bar.close()
     # Every rank takes part in the same reductions, in the same order.
     failed, attempted, already = (_total(value, world, device) for value in (len(failures), len(todo), skipped))
@@ -308,18 +426,18 @@ def main(args) -> int:
     return 1 if failed else 0
 
 
-def _process_group(model, group, root: Path, out: Path, dtype, device, args) -> List[str]:
-    paths = [path for path, _ in group]
-    images_uint8 = torch.stack([image for _, image in group])
+def _process_group(model, group, root: Path, out: Path, device, config: dict, args) -> List[str]:
+    paths = [path for path, _, _ in group]
+    images_uint8 = torch.stack([image for _, image, _ in group])
     try:
-        images = _normalise(images_uint8, dtype, device)
+        images = _normalise(images_uint8, model.fc.weight.dtype, device)
         results = _explain_group(model, images, args)
     except (ValueError, RuntimeError) as error:
         for path in paths:
             print(f"error: {path}: {error}", file=sys.stderr)
         return [f"{path}: {error}" for path in paths]
-    for path, image, result in zip(paths, images_uint8, results):
-        result["path"] = path
+    for (path, image, notes), result in zip(group, results):
+        result.update(path=path, configuration=config, conversions=notes)
         _save(result, image, _output_stem(path, root, out), args)
     return []
 

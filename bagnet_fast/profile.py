@@ -35,7 +35,10 @@ from torch import nn
 
 from . import bench as _bench
 from . import flops as _flops
+from . import timing as _timing
+from ._io import check_new_outputs, matplotlib_figure, prepare_output_dir, save_png, write_atomically, write_json
 from . import models as _models
+from .executors import backend_names
 from .plan import build_plan
 
 __all__ = ["LayerTimer", "UnitTimer", "profile_network", "stage_comparison", "add_arguments", "main"]
@@ -68,7 +71,7 @@ class _Ranges:
         """Called at the start of each forward pass (labels restart)."""
 
     def push(self, label: str) -> None:
-        _bench.sync(self.device)
+        _timing.sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.nvtx.range_push(label)
         record = torch.profiler.record_function(label)
@@ -76,7 +79,7 @@ class _Ranges:
         self._open.append((label, record, time.perf_counter()))
 
     def pop(self) -> None:
-        _bench.sync(self.device)
+        _timing.sync(self.device)
         label, record, start = self._open.pop()
         self.seconds[label].append(time.perf_counter() - start)
         record.__exit__(None, None, None)
@@ -182,7 +185,7 @@ def profile_network(network: str, forward: Callable, timer: _Ranges, costs: List
                     x: torch.Tensor, warmup: int, repeats: int, peaks: dict) -> dict:
     """Per-layer medians over ``repeats`` timed passes, and the end-to-end time without the timer."""
     device = x.device
-    end_to_end = statistics.median(_bench.measure(lambda: forward(x), device, warmup, repeats))
+    end_to_end = statistics.median(_timing.measure(lambda: forward(x), device, warmup, repeats))
     for _ in range(repeats):
         with timer:
             forward(x)
@@ -263,13 +266,13 @@ def write_csv(path: str, rows: List[dict]) -> None:
         with open(tmp, "w", newline="") as f:
             f.write(buffer.getvalue())
 
-    _bench.write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def plot_roofline(rows: List[dict], peaks: dict, title: str, path: str) -> bool:
     """Log-log roofline: achieved TFLOP/s against intensity, one colour per network; rows
     without FLOPs (BatchNorm, ReLU, pooling) cannot sit on it and are left out."""
-    figure = _bench.matplotlib_figure((8, 5.5))
+    figure = matplotlib_figure((8, 5.5))
     if figure is None:
         return False
     ax = figure.add_subplot()
@@ -279,7 +282,7 @@ def plot_roofline(rows: List[dict], peaks: dict, title: str, path: str) -> bool:
     peak, bandwidth = peaks["matmul_flops_per_s"] / 1e12, peaks["copy_bytes_per_s"] / 1e12
     ridge = peak / bandwidth
     xs = [low, min(max(ridge, low), high), high]
-    ax.plot(xs, [min(peak, bandwidth * x) for x in xs], "k-", lw=1.5, label="roofline (measured matmul / copy)")
+    ax.plot(xs, [min(peak, bandwidth * x) for x in xs], "k-", lw=1.5, label="roofline (measured best GEMM / copy)")
     for index, network in enumerate(dict.fromkeys(r["network"] for r in points)):
         mine = [r for r in points if r["network"] == network]
         ax.scatter([r["intensity"] for r in mine], [r["tflops_per_s"] for r in mine], s=18,
@@ -290,7 +293,7 @@ def plot_roofline(rows: List[dict], peaks: dict, title: str, path: str) -> bool:
     ax.set_ylabel("achieved TFLOP/s")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    _bench.save_png(figure, path)
+    save_png(figure, path)
     return True
 
 
@@ -301,7 +304,7 @@ def _export_trace(path: str, runs: List[Callable[[], None]], device: torch.devic
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for run in runs:
             run()
-    _bench.write_atomically(path, lambda tmp: prof.export_chrome_trace(tmp))
+    write_atomically(path, lambda tmp: prof.export_chrome_trace(tmp))
 
 
 def _networks(args, device, dtype) -> List[dict]:
@@ -329,8 +332,8 @@ def _networks(args, device, dtype) -> List[dict]:
 
 
 def run_profile(args, paths: Dict[str, str]) -> dict:
-    device, dtype = torch.device(args.device), _bench.DTYPES[args.dtype]
-    peaks = _bench.measure_peaks(device, dtype)
+    device, dtype = _timing.resolve_device(args.device), _timing.DTYPES[args.dtype]
+    peaks = _timing.measure_peaks(device, dtype)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(dtype)
     rows, totals, stages = [], {}, {}
     networks = _networks(args, device, dtype)  # outside inference_mode: normal parameters
@@ -356,7 +359,7 @@ def run_profile(args, paths: Dict[str, str]) -> dict:
             print("  " + line)
     return {
         "model": args.model, "batch": args.batch, "size": args.size, "device": str(device),
-        "device_name": _bench.device_name(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "device_name": _timing.device_name(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "peaks": peaks,
         "totals": totals, "stages": stages, "downsampling": comparison, "rows": rows,
     }
@@ -372,8 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_bench.DTYPES))
-    parser.add_argument("--backend", default=None, help="backend of the fast plan (default: the automatic choice)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_timing.DTYPES))
+    parser.add_argument("--backend", default=None, choices=backend_names(),
+                        help="backend of the fast plan (default: the automatic choice)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-resnet", dest="resnet", action="store_false", help="skip the ResNet-50 comparison")
@@ -385,15 +389,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     _bench.check_run_arguments(args)
+    _timing.resolve_device(args.device)
+    prepare_output_dir(args.out)
     paths = {name: os.path.join(args.out, file) for name, file in
              (("csv", "layers.csv"), ("json", "profile.json"), ("png", "roofline.png"), ("trace", "trace.json"))}
-    _bench.check_new_outputs(list(paths.values()), args.overwrite)
-    os.makedirs(args.out, exist_ok=True)
+    check_new_outputs(list(paths.values()), args.overwrite)
     print(f"profile: {args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, {args.dtype}, "
           f"{torch.get_num_threads()} threads")
     result = run_profile(args, paths)
     write_csv(paths["csv"], result["rows"])
-    _bench.write_json(paths["json"], result)
+    write_json(paths["json"], result)
     written = [paths["csv"], paths["json"]] + ([paths["trace"]] if args.trace else [])
     title = f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {result['device_name']}"
     if plot_roofline(result["rows"], result["peaks"], title, paths["png"]):

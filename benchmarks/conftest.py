@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import bagnet_fast
-from bagnet_fast import bench as _bench
+from bagnet_fast import timing as _timing
 from bagnet_fast.executors import backends
 
-DTYPES = _bench.DTYPES
+DTYPES = _timing.DTYPES
 
 # Seconds slept inside every timed call: only for testing the regression gate
 # (tests/test_benchmark_suite.py), which must see a deliberate slowdown being caught.
@@ -99,7 +99,7 @@ def settings(request) -> Settings:
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The default machine info names the CPU architecture and Python, not the processor or the
     GPU: add them, and the versions that decide the numbers."""
-    machine_info["cpu_name"] = _bench.cpu_name()
+    machine_info["cpu_name"] = _timing.cpu_name()
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["torch_cuda"] = torch.version.cuda
@@ -152,7 +152,7 @@ def run_timed(benchmark, settings):
             setup: Optional[Callable[[], Sequence]] = None, extra: Optional[Dict] = None):
         def timed(*call_args):
             out = fn(*call_args)
-            _bench.sync(device)  # inside the timed function: the device's work is part of the round
+            _timing.sync(device)  # inside the timed function: the device's work is part of the round
             if delay:
                 time.sleep(delay)
             return out
@@ -163,7 +163,7 @@ def run_timed(benchmark, settings):
             if not benchmark.disabled:
                 for _ in range(settings.warmup):
                     fn(*make_args())
-                _bench.sync(device)
+                _timing.sync(device)
             pedantic_setup = (lambda: (tuple(make_args()), {})) if setup else None
             benchmark.pedantic(timed, args=() if setup else tuple(args), setup=pedantic_setup,
                                rounds=settings.rounds, iterations=1, warmup_rounds=0)

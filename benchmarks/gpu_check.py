@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import bagnet_fast  # noqa: E402
-from bagnet_fast import bench as _bench  # noqa: E402
+from bagnet_fast import timing as _timing  # noqa: E402
 
 # Counted FLOPs per 224×224 image (multiply-adds × 2): the reference BagNet-33 and ResNet-50.
 GFLOP_PER_IMAGE_224 = {"bagnet33": 32.52, "resnet50": 8.18}
@@ -158,7 +158,7 @@ def environment(device: torch.device) -> dict:
 def device_limits(device: torch.device) -> dict:
     """bf16 matmul TFLOP/s and copy GB/s (read + write), measured by the same code as
     ``python -m bagnet_fast bench`` (best of a few 8192³ GEMMs and 1 GiB copies on a GPU)."""
-    peaks = _bench.measure_peaks(device, torch.bfloat16)
+    peaks = _timing.measure_peaks(device, torch.bfloat16)
     return {
         "peaks": peaks,  # as bagnet_fast.profile's roofline takes them
         "matmul_n": peaks["matmul_size"],

@@ -89,7 +89,7 @@ def test_png_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsy
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
-    from bagnet_fast import bench
+    from bagnet_fast._io import write_atomically
 
     def fail(tmp):
         with open(tmp, "w") as f:
@@ -97,5 +97,28 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        bench.write_atomically(str(tmp_path / "bench.json"), fail)
+        write_atomically(str(tmp_path / "bench.json"), fail)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_and_profile_check_out_and_device_before_any_work(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for command in ("bench", "profile"):
+        result = _run(command, "--model", "bagnet9", "--size", "9", "--out", str(a_file))
+        assert result.returncode != 0 and f"--out {a_file} is a file, not a folder" in result.stderr
+        assert "Traceback" not in result.stderr and "img/s" not in result.stdout
+        result = _run(command, "--model", "bagnet9", "--size", "9", "--device", "cuda:0", "--out", str(tmp_path / "o"))
+        if not __import__("torch").cuda.is_available():
+            assert result.returncode != 0 and "no CUDA device is available" in result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_device_limits_of_a_slow_dtype_are_bounded():
+    """float16 GEMMs on a CPU without fp16 units took 70 s per 2048^2 matmul: the peak measurement
+    grows its sizes only while calls stay fast, so it returns in seconds."""
+    code = ("import torch; from bagnet_fast.timing import measure_peaks; "
+            "p = measure_peaks(torch.device('cpu'), torch.float16, budget=0.2); "
+            "assert p['matmul_flops_per_s'] > 0 and p['copy_bytes_per_s'] > 0, p; print(p['matmul_source'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
