@@ -1,4 +1,4 @@
-"""Command line: ``python -m bagnet_fast {bench,profile,heatmap,info}``."""
+"""Command line: ``python -m bagnet_fast {bench,profile,heatmap,certify,info}``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     heatmap_cli.add_arguments(commands.add_parser(
         "heatmap", help="explain images: heatmaps, top patches, PNG overlays (resumable, torchrun)",
         description=heatmap_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    from . import certify_cli
+
+    certify_cli.add_arguments(commands.add_parser(
+        "certify", help="certified accuracy under PatchGuard-family patch defences (resumable, torchrun)",
+        description=certify_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     commands.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "bench":
@@ -26,6 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return profile.main(args)
     if args.command == "heatmap":
         return heatmap_cli.main(args)
+    if args.command == "certify":
+        return certify_cli.main(args)
     return _info()
 
 
