@@ -28,7 +28,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -48,11 +47,11 @@ from .heatmap_cli import (
     _groups_by_size,
     _load_model,
     _NoBar,
-    _sha256,
     _total,
     find_images,
     read_image,
 )
+from .heatmap_cli import run_configuration as heatmap_configuration
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
 __all__ = ["add_arguments", "main", "image_folder", "prepare_image", "transform", "summarize", "PRESETS"]
@@ -200,12 +199,11 @@ def run_configuration(args) -> Dict:
     config.update({"masking": {"threshold": args.threshold, "clip": args.clip},
                    "clip": {"clip": args.clip, "sound": args.sound}, "cbn": {"sound": args.sound},
                    "detection": {"tau": args.tau}}[args.defense])
-    if args.weights:
-        config["weights"] = {"file": os.path.abspath(args.weights), "sha256": _sha256(args.weights)}
-    elif args.pretrained:
-        config["weights"] = "pretrained"
-    else:
-        config["weights"] = {"random_init_seed": args.seed}
+    # The weights' record (file and sha256, "pretrained" or the --random-init seed) as the heatmap
+    # CLI keeps it; its run_configuration also reads heatmap-only options, given neutral values.
+    heatmap_options = argparse.Namespace(**{**vars(args), "dense": False, "target_class": None, "top": 1,
+                                            "patches": 1, "no_plot": True})
+    config["weights"] = heatmap_configuration(heatmap_options)["weights"]
     return config
 
 
