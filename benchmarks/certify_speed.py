@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ import torch
 
 import bagnet_fast
 from bagnet_fast import certify as cf
+from bagnet_fast._io import check_new_outputs, write_json
 from bagnet_fast.timing import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON file to write (refuses to overwrite)")
     args = parser.parse_args(argv)
-    if args.out and os.path.exists(args.out):
-        raise SystemExit(f"{args.out} exists: choose another --out")
+    if args.out:
+        check_new_outputs([args.out], overwrite=False)
     reference = None
     if args.patchguard:
         sys.path.insert(0, os.path.abspath(args.patchguard))
@@ -190,10 +190,7 @@ def main(argv=None) -> int:
     result["log"] = lines
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
