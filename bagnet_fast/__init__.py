@@ -10,7 +10,7 @@ from .executors import backends
 from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
-from .plan import build_plan, get_plan, receptive_field
+from .plan import build_plan, get_plan, plan_is_fresh, receptive_field, refresh, verify_plans
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, heatmap_padding, preprocess
 
 __version__ = "0.1.0"
@@ -36,7 +36,10 @@ __all__ = [
     "masking_experiment",
     "patch_features",
     "patch_logits",
+    "plan_is_fresh",
     "preprocess",
     "receptive_field",
+    "refresh",
     "top_patches",
+    "verify_plans",
 ]

@@ -21,6 +21,13 @@ def loaded() -> bool:
     return _module is not None
 
 
+def module():
+    """The extension module (raises if it is not loaded)."""
+    if _module is None:
+        raise RuntimeError(f"the C++ extension bagnet_fast._C is not loaded ({_error})")
+    return _module
+
+
 def load_error() -> Optional[str]:
     """Why the extension could not be imported (None when it was)."""
     return _error

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._plan_state import dispatch_problem
 from .plan import InferencePlan, check_input, check_model_input_match, get_plan
 from .preprocessing import heatmap_padding
 
@@ -115,25 +116,13 @@ def _inference_model(model: nn.Module) -> nn.Module:
 
 def _plan_for(model: nn.Module, images: torch.Tensor, min_size: Optional[int] = None) -> InferencePlan:
     model = _inference_model(model)
+    problem = dispatch_problem(model)
+    if problem is not None and problem[0] == "mode":
+        raise ValueError(f"explanations use the model's inference function, but {problem[1]}: call model.eval()")
     plan = get_plan(model)
     check_input(images, plan.patch_size if min_size is None else min_size)
     check_model_input_match(model, images)
     return plan
-
-
-def output_stride(plan: InferencePlan) -> int:
-    """Pixels between neighbouring output positions (8 for the shipped BagNets)."""
-    stride = plan.stem.stride
-    for block in plan.blocks:
-        stride *= _block_stride(block)
-    return stride
-
-
-def _block_stride(block) -> int:
-    stride = block.conv2.stride
-    if block.downsample is not None and block.downsample.stride != stride:
-        raise NotImplementedError("blocks whose downsample and conv2 strides differ are not supported")
-    return stride
 
 
 def patch_boxes(rows: int, cols: int, patch_size: int, stride: int, device=None) -> torch.Tensor:
@@ -167,8 +156,7 @@ def patch_logits(model: nn.Module, images: torch.Tensor, classes: Optional[Seque
     """
     plan = _plan_for(model, images)
     index = _class_index(classes, plan.fc_weight.shape[0], plan.device)
-    features = plan.features(images)
-    values = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias, index)
+    values = plan.run(images, avg_pool=False) if index is None else plan.patch_logits(images, index)
     return _patch_map(plan, values, index)
 
 
@@ -181,9 +169,8 @@ def patch_features(model: nn.Module, images: torch.Tensor) -> PatchMap:
 
 
 def _patch_map(plan: InferencePlan, values: torch.Tensor, index: Optional[torch.Tensor]) -> PatchMap:
-    stride = output_stride(plan)
-    boxes = patch_boxes(values.shape[1], values.shape[2], plan.patch_size, stride, device=values.device)
-    return PatchMap(values, boxes, plan.patch_size, stride, index)
+    boxes = patch_boxes(values.shape[1], values.shape[2], plan.patch_size, plan.stride, device=values.device)
+    return PatchMap(values, boxes, plan.patch_size, plan.stride, index)
 
 
 # --- dense heatmaps --------------------------------------------------------------------------
@@ -241,11 +228,12 @@ def dense_heatmap(
     top, bottom, left, right = heatmap_padding(q)
     padded = F.pad(images, (left, right, top, bottom))
     heatmap = torch.empty(count, targets.shape[1], height, width, dtype=torch.float32, device=images.device)
-    chunks = list(_chunks(count, height, width, q, output_stride(plan), max_pixels))
+    if count == 0:
+        return heatmap if several else heatmap[:, 0]
+    chunks = list(_chunks(count, height, width, q, plan.stride, max_pixels))
     for batch, rows, cols in _progress(chunks, progress, "dense heatmap"):
         tile = padded[batch, :, rows.start : rows.stop + q - 1, cols.start : cols.stop + q - 1]
-        features, offsets, step = _phase_features(plan, tile)
-        logits = plan.backend.patch_logits(features, plan.fc_weight, plan.fc_bias, classes)
+        logits, offsets, step = _phase_logits(plan, tile, classes)
         logits = logits.unflatten(0, (len(offsets), -1))  # (shifts, images, h, w, classes)
         chosen = columns[batch]  # (n, T)
         index = chosen.view(1, chosen.shape[0], 1, 1, -1).expand(*logits.shape[:4], -1)
@@ -278,29 +266,31 @@ def _chunks(count: int, height: int, width: int, q: int, stride: int, max_pixels
                 yield batch, range(top, min(height, top + tile_rows)), range(left, min(width, left + tile_cols))
 
 
-def _phase_features(plan: InferencePlan, tile: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int]], int]:
-    """Features of every shift of ``tile``, stacked in the batch dimension (space-to-batch).
+def _phase_logits(plan: InferencePlan, tile: torch.Tensor, classes) -> Tuple[torch.Tensor, List[Tuple[int, int]], int]:
+    """Patch logits of every shift of ``tile``, stacked in the batch dimension (space-to-batch).
 
-    Returns (features (S*n, C, h, w), offsets, step): rows [s*n, (s+1)*n) of features hold shift
-    s, whose position (i, j) is the patch with top-left pixel (dy + step*i, dx + step*j) of the
-    tile, (dy, dx) = offsets[s]. Before each stride-s block, the map is replaced by its s*s
-    phases x[:, :, a:, b:], zero-padded at the bottom/right to a common size: the padding only
-    reaches output positions past each phase's valid ones (valid convolutions, top-left crops),
-    which the caller drops. One call per block instead of one per shift.
+    Returns (logits (S*n, h, w, K), offsets, step): rows [s*n, (s+1)*n) hold shift s, whose
+    position (i, j) is the patch with top-left pixel (dy + step*i, dx + step*j) of the tile,
+    (dy, dx) = offsets[s]. Before each stride-s unit, the map is replaced by its s*s phases
+    x[:, :, a:, b:], zero-padded at the bottom/right to a common size: the padding only reaches
+    output positions past each phase's valid ones (valid convolutions, top-left crops), which the
+    caller drops. One call per unit instead of one per shift.
     """
     if plan.stem.stride != 1:
         raise NotImplementedError("dense heatmaps need a stride-1 stem (all BagNets have one)")
-    backend = plan.backend
-    x = backend.stem(plan.stem, tile.contiguous(memory_format=torch.channels_last))
     offsets, step = [(0, 0)], 1
-    for block in plan.blocks:
-        stride = _block_stride(block)
-        if stride > 1:
-            x = _stack_phases(x, stride)
-            offsets = [(dy + a * step, dx + b * step) for a in range(stride) for b in range(stride) for dy, dx in offsets]
-            step *= stride
-        x = backend.block(block, x)
-    return x, offsets, step
+
+    def stack_phases(unit, run, x):
+        nonlocal offsets, step
+        if unit is not plan.head and unit.stride > 1:
+            x = _stack_phases(x, unit.stride)
+            offsets = [(dy + a * step, dx + b * step) for a in range(unit.stride) for b in range(unit.stride)
+                       for dy, dx in offsets]
+            step *= unit.stride
+        return run(x)
+
+    logits = plan.patch_logits(tile, classes, hook=stack_phases)
+    return logits, offsets, step
 
 
 def _stack_phases(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ __all__ = [
     "Cost",
     "reference_layer_costs",
     "plan_unit_costs",
-    "block_names",
     "stage_of",
     "stage_totals",
     "total",
@@ -157,61 +156,56 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _conv_cost(name, unit, n, h, w, itemsize, read_hw=None) -> Tuple[Cost, int, int]:
-    """A plan convolution on (n, Cin, h, w): its cost and output (h, w). ``read_hw``: the pixels it
-    reads when that is fewer than h x w (the downsample reads only the strided ones)."""
-    cout, cin, k, _ = unit.weight.shape
-    ho, wo = (h - k) // unit.stride + 1, (w - k) // unit.stride + 1
-    if read_hw is not None:  # crop-then-downsample: a 1x1 conv on the kept pixels only
-        ho, wo = read_hw
-    read_h, read_w = read_hw if read_hw is not None else (h, w)
+def _conv_cost(name, conv, n, h, w, itemsize) -> Tuple[Cost, int, int]:
+    """A plan convolution on (n, Cin, h, w): its cost and output (h, w)."""
+    cout, cin, k, _ = conv.weight.shape
+    ho, wo = (h - k) // conv.stride + 1, (w - k) // conv.stride + 1
     flops = 2 * n * ho * wo * cout * cin * k * k
-    moved = (n * cin * read_h * read_w + n * cout * ho * wo) * itemsize
-    moved += (unit.weight.numel() + unit.bias.numel()) * itemsize
-    return Cost(name, f"conv {k}x{k}/{unit.stride}", (n, cin, h, w), (n, cout, ho, wo), flops, moved), ho, wo
+    moved = (n * cin * h * w + n * cout * ho * wo) * itemsize
+    moved += (conv.weight.numel() + conv.bias.numel()) * itemsize
+    return Cost(name, f"conv {k}x{k}/{conv.stride}", (n, cin, h, w), (n, cout, ho, wo), flops, moved), ho, wo
 
 
 def plan_unit_costs(
     plan, image_shape: Sequence[int], dtype: Optional[torch.dtype] = None, avg_pool: bool = True
 ) -> List[Cost]:
-    """Cost of each unit the plan runs (``stem``, ``layer{s}.{i}`` per block, ``head``) on images of
-    ``image_shape`` (N, 3, H, W). A block is either one fused ``pointwise_bottleneck`` (intermediates
-    on chip: reads x, writes x, weights) or its convolutions (conv1, conv2, the downsample of the
-    cropped input, conv3 with the residual add), whose intermediates do go through memory."""
+    """Cost of each unit the plan runs (``plan.units``, then ``head``) on images of
+    ``image_shape`` (N, 3, H, W), with the unit's name and op as its kind. A
+    ``pointwise_bottleneck`` keeps its intermediates on chip (reads x, writes x, weights); a
+    ``bottleneck`` runs its convolutions (conv1, conv2, the downsample of the pixels the crop
+    keeps, conv3 with the residual add), whose intermediates do go through memory."""
     dtype = dtype or plan.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     n, _, h, w = image_shape
-    stem, h, w = _conv_cost("stem", plan.stem, n, h, w, itemsize)
-    stem.kind = "stem conv 3x3 (merged)"
-    costs = [stem]
-    for name, block in zip(block_names(plan.blocks), plan.blocks):
-        cin = block.conv1.weight.shape[1]
-        if block.is_pointwise:
-            p = block.conv1.weight.shape[0]
-            weights = sum(u.weight.numel() + u.bias.numel() for u in (block.conv1, block.conv2, block.conv3))
+    costs = []
+    for unit in plan.units:
+        if unit.kind == "stem_conv_bias_relu":
+            cost, h, w = _conv_cost(unit.name, unit.conv, n, h, w, itemsize)
+            cost.kind = unit.kind
+            costs.append(cost)
+            continue
+        cin = unit.in_channels
+        if unit.kind == "pointwise_bottleneck":
+            p = unit.conv1.weight.shape[0]
+            weights = sum(c.weight.numel() + c.bias.numel() for c in unit.convolutions())
             flops = 2 * n * h * w * (p * cin + p * p + cin * p)
             moved = (2 * n * cin * h * w + weights) * itemsize
-            costs.append(Cost(name, "pointwise_bottleneck", (n, cin, h, w), (n, cin, h, w), flops, moved))
+            costs.append(Cost(unit.name, unit.kind, (n, cin, h, w), (n, cin, h, w), flops, moved))
             continue
-        parts = []
-        c1, h1, w1 = _conv_cost(name, block.conv1, n, h, w, itemsize)
-        c2, h2, w2 = _conv_cost(name, block.conv2, n, h1, w1, itemsize)
-        parts += [c1, c2]
-        cout = block.conv3.weight.shape[0]
-        if block.downsample is not None:
-            ds, _, _ = _conv_cost(name, block.downsample, n, h, w, itemsize, read_hw=(h2, w2))
+        c1, h1, w1 = _conv_cost(unit.name, unit.conv1, n, h, w, itemsize)
+        c2, h2, w2 = _conv_cost(unit.name, unit.conv2, n, h1, w1, itemsize)
+        parts = [c1, c2]
+        if unit.downsample is not None:  # a stride-1 conv on the (h2, w2) pixels it reads
+            ds, _, _ = _conv_cost(unit.name, unit.downsample, n, h2, w2, itemsize)
             parts.append(ds)
-            residual_read = n * cout * h2 * w2  # the downsample's output
+            residual_read = n * unit.out_channels * h2 * w2  # the downsample's output
         else:
             residual_read = n * cin * h2 * w2  # the cropped input
-        c3, _, _ = _conv_cost(name, block.conv3, n, h2, w2, itemsize)
+        c3, _, _ = _conv_cost(unit.name, unit.conv3, n, h2, w2, itemsize)
         parts.append(c3)
         flops, moved = total(parts)
         moved += residual_read * itemsize
-        kind = f"block conv {block.conv2.kernel_size}x{block.conv2.kernel_size}/{block.conv2.stride}" + (
-            " + downsample" if block.downsample is not None else ""
-        )
-        costs.append(Cost(name, kind, (n, cin, h, w), (n, cout, h2, w2), flops, moved))
+        costs.append(Cost(unit.name, unit.kind, (n, cin, h, w), (n, unit.out_channels, h2, w2), flops, moved))
         h, w = h2, w2
     costs.append(_head_cost(plan, n, h, w, itemsize, avg_pool))
     return costs
@@ -226,14 +220,3 @@ def _head_cost(plan, n, h, w, itemsize, avg_pool) -> Cost:
                     (n * channels * h * w + n * classes) * itemsize + weights)
     return Cost("head", "patch_logits", (n, channels, h, w), (n, h, w, classes), 2 * n * h * w * channels * classes,
                 (n * channels * h * w + n * h * w * classes) * itemsize + weights)
-
-
-def block_names(blocks) -> List[str]:
-    """``layer{s}.{i}``: a new stage starts at each block with a downsample (every stage's first)."""
-    names, stage, index = [], 0, 0
-    for block in blocks:
-        if block.downsample is not None:
-            stage, index = stage + 1, 0
-        names.append(f"layer{stage}.{index}")
-        index += 1
-    return names

@@ -27,7 +27,7 @@ from . import models as _models
 from ._io import clean_stale_temporaries, prepare_output_dir, write_atomically, write_json
 from .accelerate import bagnet_from_state_dict
 from .executors import backend_names
-from .explain import dense_heatmap, output_stride, patch_logits, select_patches
+from .explain import dense_heatmap, patch_logits, select_patches
 from .plan import get_plan
 from .timing import resolve_device
 from .weights import file_sha256, load_checkpoint
@@ -262,7 +262,7 @@ def _explain_group(model, images: torch.Tensor, args) -> List[Dict]:
             results[n]["maps"].append((target, maps[n, column].float().cpu(), patches))
     for result in results:
         result["patch_size"] = plan.patch_size
-        result["stride"] = output_stride(plan)
+        result["stride"] = plan.stride
     return results
 
 

@@ -149,18 +149,24 @@ class BagNet(nn.Module):
         return self.fc(x.permute(0, 2, 3, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .plan import check_input, check_model_input_match, get_plan, uses_inference_plan
+        from .plan import check_input, check_model_input_match, fast_path_plan, traced_forward, traced_uses_plan
 
         check_input(x, self.patch_size)
         check_model_input_match(self, x)
-        if uses_inference_plan(self, x):
-            return get_plan(self).run(x, avg_pool=self.avg_pool)
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: the plan's function, traced
+            if traced_uses_plan(self, x):
+                return traced_forward(self, x, self.avg_pool)
+            return self.reference_forward(x)
+        plan = fast_path_plan(self, x)
+        if plan is not None:
+            return plan.run(x, avg_pool=self.avg_pool)
         return self.reference_forward(x)
 
     def __getstate__(self):
         # The plan is derived data (and holds oneDNN tensors that do not pickle): rebuild it.
         state = self.__dict__.copy()
         state["_inference_plan"] = None
+        state.pop("_bagnet_fast_dispatch", None)
         return state
 
 

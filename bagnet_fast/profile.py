@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -125,43 +125,26 @@ class LayerTimer(_Ranges):
 
 
 class UnitTimer(_Ranges):
-    """Wraps the backend of an inference plan built for profiling (never a model's cached plan):
-    its ``stem``, ``block`` and ``spatial_mean_linear`` calls become ranges named like
-    :func:`bagnet_fast.flops.plan_unit_costs` rows, and ``plan.run`` is used unchanged."""
+    """The units of an inference plan timed through the plan's own walk hook: one range per
+    unit, named as in :func:`bagnet_fast.flops.plan_unit_costs` (``stem``, ``layer1.0``, ...,
+    ``head``). ``timer.forward`` runs the plan with the hook; with a hook the plan runs every
+    unit on its own (the last block and the head's mean are not fused), as the FLOP rows count them."""
 
     def __init__(self, plan, device: torch.device) -> None:
         super().__init__(device)
-        backend = plan.backend
-        names = _flops.block_names(plan.blocks)
-        self._block_index = 0
+        self.plan = plan
 
-        def timed(label_of: Callable[[], str], method: Callable) -> Callable:
-            def call(*args, **kwargs):
-                if not self.active:
-                    return method(*args, **kwargs)
-                self.push(label_of())
-                try:
-                    return method(*args, **kwargs)
-                finally:
-                    self.pop()
+    def hook(self, unit, run, x):
+        if not self.active:
+            return run(x)
+        self.push(unit.name)
+        try:
+            return run(x)
+        finally:
+            self.pop()
 
-            return call
-
-        def next_block() -> str:
-            label = names[self._block_index % len(names)]
-            self._block_index += 1
-            return label
-
-        backend.stem = timed(lambda: "stem", backend.stem)
-        backend.block = timed(next_block, backend.block)
-        backend.spatial_mean_linear = timed(lambda: "head", backend.spatial_mean_linear)
-        # A backend may fuse the last block with the head (Triton); the profile times them as the
-        # separate units its FLOP/byte rows describe.
-        backend.block_mean_linear = lambda unit, x, weight, bias: backend.spatial_mean_linear(
-            backend.block(unit, x), weight, bias)
-
-    def new_pass(self) -> None:
-        self._block_index = 0
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plan.run(x, hook=self.hook)
 
 
 def _roofline(flops: int, moved: int, seconds: float, peaks: dict) -> dict:
@@ -182,13 +165,16 @@ def _roofline(flops: int, moved: int, seconds: float, peaks: dict) -> dict:
 
 
 def profile_network(network: str, forward: Callable, timer: _Ranges, costs: List[_flops.Cost],
-                    x: torch.Tensor, warmup: int, repeats: int, peaks: dict) -> dict:
-    """Per-layer medians over ``repeats`` timed passes, and the end-to-end time without the timer."""
+                    x: torch.Tensor, warmup: int, repeats: int, peaks: dict,
+                    timed_forward: Optional[Callable] = None) -> dict:
+    """Per-layer medians over ``repeats`` timed passes (``timed_forward``, default ``forward``,
+    inside the timer), and the end-to-end time of ``forward`` without the timer."""
     device = x.device
     end_to_end = statistics.median(_timing.measure(lambda: forward(x), device, warmup, repeats))
+    timed_forward = timed_forward or forward
     for _ in range(repeats):
         with timer:
-            forward(x)
+            timed_forward(x)
     rows = []
     for cost in costs:
         if cost.name not in timer.seconds:
@@ -312,12 +298,13 @@ def _networks(args, device, dtype) -> List[dict]:
     shape = (args.batch, 3, args.size, args.size)
     torch.manual_seed(0)
     model = getattr(_models, args.model)().to(device=device, dtype=dtype).eval()
-    plan = build_plan(model, args.backend)  # our own plan: its backend gets wrapped
+    plan = build_plan(model, args.backend)
+    units = UnitTimer(plan, device)
     networks = [
         {"name": f"{args.model} reference", "forward": model.reference_forward,
          "timer": LayerTimer(model, device), "costs": _flops.reference_layer_costs(model, shape, dtype)},
-        {"name": f"{args.model} fast [{plan.backend.name}]", "forward": plan.run,
-         "timer": UnitTimer(plan, device), "costs": _flops.plan_unit_costs(plan, shape, dtype)},
+        {"name": f"{args.model} fast [{plan.backend.name}]", "forward": plan.run, "timed": units.forward,
+         "timer": units, "costs": _flops.plan_unit_costs(plan, shape, dtype)},
     ]
     if args.resnet:
         try:
@@ -340,7 +327,7 @@ def run_profile(args, paths: Dict[str, str]) -> dict:
     with torch.inference_mode():
         for net in networks:
             result = profile_network(net["name"], net["forward"], net["timer"], net["costs"], x,
-                                     args.warmup, args.repeats, peaks)
+                                     args.warmup, args.repeats, peaks, net.get("timed"))
             rows += result["rows"]
             stages[net["name"]] = stage_table(result["rows"])
             flop, moved = _flops.total(net["costs"])
@@ -367,7 +354,7 @@ def run_profile(args, paths: Dict[str, str]) -> dict:
 
 def _traced(net: dict, x: torch.Tensor) -> None:
     with net["timer"]:
-        net["forward"](x)
+        net.get("timed", net["forward"])(x)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -259,7 +259,7 @@ def stem_implementations(batch: int, args, device: torch.device, dtype: torch.dt
     """The merged stem (3 -> 64, 3x3, bias, ReLU) of BagNet-33 each way the backends run it: the
     cuda backend's direct kernel (its default) against cuDNN + bias_residual_act
     (BAGNET_FAST_CUDA_STEM=cudnn), and the Triton implicit GEMM. Decides the cuda backend's
-    default (executors.CudaBackend.stem)."""
+    default (executors.cuda_backend.CudaBackend.stem_conv_bias_relu)."""
     model = make_bagnet("bagnet33", device, dtype)
     stem = bagnet_fast.build_plan(model, "torch").stem
     x = torch.randn(batch, 3, args.image, args.image, device=device, dtype=dtype)
@@ -308,9 +308,11 @@ def unit_profile(name: str, batch: int, args, device: torch.device, backend: str
     plan = bagnet_fast.build_plan(model, backend)
     x = torch.randn(batch, 3, args.image, args.image, device=device, dtype=dtype)
     with torch.inference_mode():
+        timer = _profile.UnitTimer(plan, device)
         result = _profile.profile_network(
-            f"{name} {FAST} [{backend}]", plan.run, _profile.UnitTimer(plan, device),
-            _flops.plan_unit_costs(plan, tuple(x.shape), dtype), x, warmup=2, repeats=args.min_repeats, peaks=peaks)
+            f"{name} {FAST} [{backend}]", plan.run, timer,
+            _flops.plan_unit_costs(plan, tuple(x.shape), dtype), x, warmup=2, repeats=args.min_repeats, peaks=peaks,
+            timed_forward=timer.forward)
     keep = ("name", "kind", "seconds", "tflops_per_s", "gbytes_per_s", "percent_of_roofline", "bound")
     units = [{key: row[key] for key in keep} for row in result["rows"]]
     return [{"name": "end to end", "seconds": result["seconds_end_to_end"]}] + units

@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bagnet_fast.ops import triton_ops  # noqa: E402
+from bagnet_fast.ops import triton_ops, triton_tuning  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (228 KB per SM)
 INT64_ARGS = {"n_pixels"}
@@ -100,14 +100,14 @@ def main() -> int:
         dclass = "fp32" if dtype == "fp32" else "16bit"
         precision = "ieee" if dtype == "fp32" else "tf32"
         jobs = []
-        for tile in triton_ops.CONV_TILES[dclass][: 1 if args.quick else None]:
+        for tile in triton_tuning.CONV_TILES[dclass][: 1 if args.quick else None]:
             for k, stride, residual, mean in ((3, 1, False, False), (1, 1, True, False), (1, 1, True, True)):
                 consts = dict(KSIZE=k, STRIDE=stride, HAS_RESIDUAL=residual, APPLY_RELU=True,
                               MEAN_OUTPUT=mean, INPUT_PRECISION=precision)
                 jobs.append((f"conv {dtype} k{k} s{stride} res={residual} mean={mean} {tile}", conv, consts, tile))
-        for p_pad in (p for p in (64, 128) if p <= triton_ops.FUSED_MAX_PLANES[dclass]):
-            tiles = triton_ops._fit(triton_ops.POINTWISE_TILES[dclass], 4 * p_pad, 4 * p_pad,
-                                    triton_ops._POINTWISE_MAX_INTERMEDIATE // p_pad)
+        for p_pad in (p for p in (64, 128) if p <= triton_tuning.FUSED_MAX_PLANES[dclass]):
+            tiles = triton_tuning.fit(triton_tuning.POINTWISE_TILES[dclass], 4 * p_pad, 4 * p_pad,
+                                    triton_tuning.POINTWISE_MAX_INTERMEDIATE // p_pad)
             for tile in tiles[: 1 if args.quick else None]:
                 jobs.append((f"pointwise {dtype} P={p_pad} {tile}", pointwise, dict(P_PAD=p_pad, INPUT_PRECISION=precision), tile))
         for name, kernel, consts, tile in jobs:

@@ -46,13 +46,14 @@ def unit_inputs(plans, settings):
         key = (dtype, images.shape[0])
         if key not in cache:
             plan = plans(dtype, "torch")
-            inputs = {"stem": images.contiguous(memory_format=torch.channels_last)}
+            inputs = {}
+
+            def record(unit, run, x):
+                inputs[unit.name] = x
+                return run(x)
+
             with torch.inference_mode():
-                x = plan.backend.stem(plan.stem, inputs["stem"])
-                for name, block in zip(flops.block_names(plan.blocks), plan.blocks):
-                    inputs[name] = x
-                    x = plan.backend.block(block, x)
-            inputs["head"] = x
+                plan.run(images, hook=record)
             cache[key] = inputs
         return cache[key]
 
@@ -62,13 +63,12 @@ def unit_inputs(plans, settings):
 def _unit_call(plan, unit: str):
     """(fn, needs a fresh input per call): the backend's call for one plan unit."""
     backend = plan.backend
-    if unit == "stem":
-        return (lambda x: backend.stem(plan.stem, x)), False
     if unit == "head":
         return (lambda x: backend.spatial_mean_linear(x, plan.fc_weight, plan.fc_bias)), False
-    block = plan.blocks[flops.block_names(plan.blocks).index(unit)]
+    step = plan.unit(unit)
+    method = getattr(backend, step.kind)
     # The cpu backend's pointwise block writes into its input: give every call a fresh copy.
-    return (lambda x: backend.block(block, x)), block.is_pointwise
+    return (lambda x: method(step, x)), step.kind == "pointwise_bottleneck"
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -83,11 +83,6 @@ def test_unit(run_timed, plans, unit_inputs, images, settings, unit, dtype_and_b
              "input_shape": list(x.shape), "size": settings.size}
     run_timed(fn, (x,), setup=(lambda: (x.clone(),)) if in_place else None, images=batch, flops=cost.flops,
               bytes=cost.bytes, group=f"unit {unit} {dtype} b{batch}", extra=extra)
-
-
-def _bias_residual_act_reference(y, bias, residual, relu):
-    out = y + bias.view(1, -1, 1, 1) + ref.crop_top_left(residual, y.shape[-2], y.shape[-1])
-    return torch.relu(out) if relu else out
 
 
 def _op_cases() -> List[tuple]:
@@ -108,7 +103,7 @@ def test_op(run_timed, plans, unit_inputs, images, settings, op, unit, implement
     plan = plans(dtype, "torch")  # plain folded weights, as the registered ops take them
     itemsize = x.element_size()
     if op == "pointwise_bottleneck":
-        block = plan.blocks[flops.block_names(plan.blocks).index(unit)]
+        block = plan.unit(unit)
         weights = [t for u in (block.conv1, block.conv2, block.conv3) for t in (u.weight, u.bias)]
         fn = torch.ops.bagnet_fast.pointwise_bottleneck if implementation == "op" else ref.pointwise_bottleneck
         args = (x, *weights)
@@ -117,8 +112,8 @@ def test_op(run_timed, plans, unit_inputs, images, settings, op, unit, implement
     elif op == "bias_residual_act":
         # The epilogue of a block's last convolution: y + bias + residual, ReLU; y and the
         # residual are block outputs of that stage (the real shape and value range).
-        bias = plan.blocks[flops.block_names(plan.blocks).index(unit)].conv3.bias
-        fn = torch.ops.bagnet_fast.bias_residual_act if implementation == "op" else _bias_residual_act_reference
+        bias = plan.unit(unit).conv3.bias
+        fn = torch.ops.bagnet_fast.bias_residual_act if implementation == "op" else ref.bias_residual_act
         args = (x, bias, x, True)
         counted_flops, counted_bytes = 0, (3 * x.numel() + bias.numel()) * itemsize
     else:

@@ -32,12 +32,25 @@ TORCH_LIBRARY(bagnet_fast, m) {
   // the tiles of a GEMM, and the bias and ReLU applied before the only write of the widest
   // early map.
   m.def("stem_conv_bias_relu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  // What the freshness check of a cached plan compares, per tensor: (data pointer, version
+  // counter or -1 for inference tensors, dtype, device, hash of `samples` evenly spaced values
+  // of a CPU tensor, else 0) -> (len(tensors), 5) int64 on the CPU. Reads no device memory.
+  m.def("tensor_states(Tensor[] tensors, int samples) -> Tensor");
 }
+
+namespace bagnet_fast {
+PyObject* tensor_states_list(PyObject* module, PyObject* args);  // csrc/plan_state.cpp
+}
+
+static PyMethodDef bagnet_fast_methods[] = {
+    {"tensor_states_list", bagnet_fast::tensor_states_list, METH_VARARGS,
+     "tensor_states_list(tensors: list, samples: int) -> Tensor: tensor_states without the dispatcher"},
+    {nullptr, nullptr, 0, nullptr}};
 
 // `import bagnet_fast._C` loads this library, which registers the operators above.
 static struct PyModuleDef bagnet_fast_module = {
     PyModuleDef_HEAD_INIT, "_C", "bagnet_fast operators (registered as torch.ops.bagnet_fast)", -1,
-    nullptr};
+    bagnet_fast_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&bagnet_fast_module);

@@ -8,7 +8,7 @@ block's conv3 fused with the head of avg_pool=True: the widest map is never writ
 import triton
 import triton.language as tl
 
-from .tiles import add, load_bias, load_tile, pixel_coords, pixel_rows, store_tile
+from .tiles import add, load_bias, load_tile, pixel_coords, pixel_rows, relu, store_tile
 
 
 @triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out"])
@@ -32,7 +32,7 @@ def _conv_bias_act_kernel(
     KSIZE: tl.constexpr,  # kernel size k (1 or 3)
     STRIDE: tl.constexpr,  # conv stride (1 or 2)
     HAS_RESIDUAL: tl.constexpr,  # add residual[:, :, :Ho, :Wo] before the activation
-    APPLY_RELU: tl.constexpr,  # apply max(., 0) last
+    APPLY_RELU: tl.constexpr,  # apply relu last (NaN kept, as torch.relu)
     MEAN_OUTPUT: tl.constexpr,  # y_ptr is a zeroed fp32 (N, Cout): add each image's spatial mean
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" keeps fp32 exact on GPUs (no tf32)
     BLOCK_M: tl.constexpr,  # output pixels per program (>= 16, power of two)
@@ -83,7 +83,7 @@ def _conv_bias_act_kernel(
         r_row = n * stride_rn + ho * stride_rh + wo * stride_rw
         acc += load_tile(r_ptr, r_row, offs_n, stride_rc, mask_m, c_out).to(tl.float32)
     if APPLY_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     if MEAN_OUTPUT:
         # The head of avg_pool=True without writing the map: the rows of this tile (pixels of
         # images first..last) are summed per image on chip, then one atomic add per (image,

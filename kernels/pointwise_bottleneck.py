@@ -46,7 +46,7 @@ the ridge, memory-bound: there fusion halves the traffic, and that is where it i
 import triton
 import triton.language as tl
 
-from .tiles import load_bias, load_tile, pixel_rows, store_tile
+from .tiles import load_bias, load_tile, pixel_rows, relu, store_tile
 
 
 @triton.jit(do_not_specialize=["n_pixels"])
@@ -84,7 +84,7 @@ def _pointwise_bottleneck_kernel(
     the residual epilogue, the second time from L2) and y written once, instead of 2 + 2 + 3
     tensor passes for three separate convs. Padded lanes of t1/t2 (P <= p < P_PAD) are exactly 0
     because the masked weight and bias loads return 0, and relu(0) = 0, so they add nothing
-    downstream. The weights are read through their strides as the transposed B operands
+    downstream (in a pixel whose x holds a NaN they are NaN, as is every real lane there). The weights are read through their strides as the transposed B operands
     (W1ᵀ[c, p] = W1[p, c]), so the launcher passes the conv weights without copies.
     """
     pix, mask_m = pixel_rows(tl.program_id(0), BLOCK_M, n_pixels)
@@ -101,12 +101,12 @@ def _pointwise_bottleneck_kernel(
         xa = load_tile(x_ptr, x_rows, cc, stride_xc, mask_m, channels)  # [BLOCK_M, BLOCK_K]
         w1 = load_tile(w1_ptr, cc * stride_w1i, offs_p, stride_w1o, cc < channels, planes)  # [BLOCK_K, P_PAD]
         t1 = tl.dot(xa.to(w1.dtype), w1, t1, input_precision=INPUT_PRECISION)
-    t1 = tl.maximum(t1 + load_bias(b1_ptr, offs_p, planes), 0.0)
+    t1 = relu(t1 + load_bias(b1_ptr, offs_p, planes))
 
     # t2 = relu(t1 W2ᵀ + b2): the whole [P_PAD, P_PAD] W2ᵀ in one dot (see the module docstring).
     w2 = load_tile(w2_ptr, offs_p * stride_w2i, offs_p, stride_w2o, mask_p, planes)
     t2 = tl.dot(t1.to(w2.dtype), w2, input_precision=INPUT_PRECISION)
-    t2 = tl.maximum(t2 + load_bias(b2_ptr, offs_p, planes), 0.0).to(w2.dtype)
+    t2 = relu(t2 + load_bias(b2_ptr, offs_p, planes)).to(w2.dtype)
 
     # y = relu(t2 W3ᵀ + b3 + x), one output-channel chunk at a time.
     y_rows = pix * stride_ym
@@ -115,4 +115,4 @@ def _pointwise_bottleneck_kernel(
         w3 = load_tile(w3_ptr, offs_p * stride_w3i, cc, stride_w3o, mask_p, channels)  # [P_PAD, BLOCK_N]
         out = tl.dot(t2, w3, input_precision=INPUT_PRECISION) + load_bias(b3_ptr, cc, channels)
         out += load_tile(x_ptr, x_rows, cc, stride_xc, mask_m, channels).to(tl.float32)
-        store_tile(y_ptr, y_rows, cc, stride_yc, mask_m, channels, tl.maximum(out, 0.0))
+        store_tile(y_ptr, y_rows, cc, stride_yc, mask_m, channels, relu(out))

@@ -19,6 +19,14 @@ def add(a, b):
 
 
 @triton.jit
+def relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu does. tl.maximum's default (PropagateNan.NONE)
+    lowers to a NaN-dropping max (max.f32 / np.fmax): a NaN input would come out as 0 and
+    disappear from the logits."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def load_tile(ptr, row_offsets, cols, stride_col, row_mask, n_cols):
     """tile[i, j] = ptr[row_offsets[i] + cols[j] * stride_col], 0 where row_mask[i] is False or
     cols[j] >= n_cols (the ragged edges; masked lanes contribute 0 to every dot)."""

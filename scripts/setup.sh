@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch, torchvision, triton" 2>/dev/null; then
   .venv/bin/python -m pip install -q $TORCH_SPEC
 fi
 .venv/bin/python -m pip install -q setuptools wheel pybind11 ninja numpy tqdm \
-  pytest pytest-benchmark pillow matplotlib
+  pytest pytest-benchmark pillow matplotlib captum timm
 export MAX_JOBS=${MAX_JOBS:-2}
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import bagnet_fast, bagnet_fast._C as C; print('bagnet_fast', bagnet_fast.__version__, 'extension loaded, CUDA part:', bool(C.with_cuda))"

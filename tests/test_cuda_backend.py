@@ -6,14 +6,13 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 import bagnet_fast
-from bagnet_fast import _extension, executors
-from bagnet_fast.executors import CudaBackend
+from bagnet_fast import _extension
+from bagnet_fast.executors.cuda_backend import CudaBackend
 from conftest import FP32_RTOL, VARIANTS, make_model, randomize_batchnorm, rel_err
 
 needs_extension = pytest.mark.skipif(not _extension.loaded(), reason=f"bagnet_fast._C missing: {_extension.load_error()}")
@@ -46,8 +45,9 @@ def test_composition_on_cpu_matches_reference(name, stem, monkeypatch):
     q = model.patch_size
     plan = cuda_backend_plan(model)
     convolved = []
-    conv = CudaBackend.conv
-    monkeypatch.setattr(CudaBackend, "conv", lambda self, unit, *a, **kw: convolved.append(unit) or conv(self, unit, *a, **kw))
+    conv = CudaBackend.conv_bias_act
+    monkeypatch.setattr(CudaBackend, "conv_bias_act",
+                        lambda self, unit, *a, **kw: convolved.append(unit) or conv(self, unit, *a, **kw))
     # q: a 1x1 map; q + 9 by q + 3: ragged, non-square; 64: several output rows and columns.
     for batch, height, width in ((1, q, q), (2, q + 9, q + 3), (3, 64, 57)):
         x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
@@ -57,7 +57,7 @@ def test_composition_on_cpu_matches_reference(name, stem, monkeypatch):
         assert patches.shape == (batch, (height - q) // 8 + 1, (width - q) // 8 + 1, 20)
         assert rel_err(patches, reference(model, x, avg_pool=False)) <= FP32_RTOL
     # The direct stem kernel, unless the cuDNN path was asked for.
-    assert any(unit is plan.stem for unit in convolved) == (stem == "cudnn")
+    assert any(unit is plan.stem.conv for unit in convolved) == (stem == "cudnn")
 
 
 @needs_extension
@@ -87,117 +87,27 @@ def test_composition_does_not_modify_the_input():
 
 def test_report_on_cpu_says_why_not():
     entry = bagnet_fast.backends("cpu")["cuda"]
-    assert entry["available"] is False
-    assert "CUDA tensors" in entry["reason"]
-    assert ("CUDA kernels" in entry["reason"]) or ("without its CUDA sources" in entry["reason"]) or (
-        "not loaded" in entry["reason"]
-    )
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: the cuda backend runs on CUDA tensors"):
-        executors.select("cuda", torch.device("cpu"), torch.float32)
+    assert entry["available"] is False and "cuda tensors" in entry["reason"]
     model = make_model("bagnet9", num_classes=5)
     model.backend = "cuda"
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"), torch.no_grad():
         model(torch.randn(1, 3, 9, 9))
 
 
-def test_cuda_backend_rejects_unsupported_dtypes():
-    ok, reason = executors.available("cuda", torch.device("cuda"), torch.float64)
-    assert not ok and "float64" in reason
+def test_relu_epilogue_without_nan_falls_back_to_a_separate_relu(monkeypatch):
+    """Where cuBLASLt's ReLU epilogue would drop a NaN, conv_bias_act runs addmm + relu_."""
+    from bagnet_fast.executors import cuda_backend
 
-
-def test_preference_triton_then_cuda_then_torch_with_a_warning(monkeypatch):
-    assert executors._PREFERENCE["cuda"] == ("triton", "cuda", "torch")
-    usable = {"triton": (False, "triton is not installed"), "cuda": (True, "yes"), "torch": (True, "always")}
-    monkeypatch.setattr(executors, "available", lambda name, device, dtype: usable[name])
-    monkeypatch.setattr(executors, "_warned", set())
-    with pytest.warns(UserWarning, match="using the cuda backend on cuda/torch.bfloat16: triton: triton is not installed"):
-        backend = executors.select(None, torch.device("cuda"), torch.bfloat16)
-    assert isinstance(backend.current, CudaBackend)
-    usable["triton"] = (True, "fused Triton kernels")
-    monkeypatch.setitem(executors._BACKENDS, "triton", lambda: "triton backend")
-    backend = executors.select(None, torch.device("cuda"), torch.float16)
-    assert isinstance(backend, executors.FallbackBackend) and backend.current == "triton backend"
-    usable["triton"] = (False, "no triton")
-    usable["cuda"] = (False, "no kernels")
-    monkeypatch.setattr(executors, "_warned", set())
-    with pytest.warns(UserWarning, match="pure-PyTorch backend .*triton: no triton; cuda: no kernels"):
-        assert executors.select(None, torch.device("cuda"), torch.float32).name == "torch"
-
-
-class BrokenKernels(executors.TorchBackend):
-    """A backend whose blocks raise ``error``: kernels that fail to compile or launch on this
-    device (a Triton version or GPU they were never built for), or inputs they reject."""
-
-    name = "triton"
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-        self.calls = 0
-
-    def block(self, unit, x):
-        self.calls += 1
-        raise self.error
-
-
-def fallback_plan(model, primary, fallbacks):
-    plan = bagnet_fast.build_plan(model, "torch")
-    plan.backend = executors.FallbackBackend(primary, fallbacks, torch.device("cuda"), torch.bfloat16)
-    plan.backend.prepare(plan)
-    return plan
-
-
-NO_KERNEL_IMAGE = "CUDA error: no kernel image is available for execution on the device"
-
-
-def test_automatic_choice_falls_back_when_its_kernels_fail(monkeypatch):
-    monkeypatch.setattr(executors, "_failed", {})
-    model = make_model("bagnet9", num_classes=20)
-    x = torch.randn(2, 3, 15, 17)
-    broken = BrokenKernels(RuntimeError(NO_KERNEL_IMAGE))
-    plan = fallback_plan(model, broken, ["torch"])
-    with pytest.warns(UserWarning, match=r"the triton backend's kernels failed on cuda/torch.bfloat16 "
-                                         r"\(RuntimeError: CUDA error: no kernel image .*using the torch backend"):
-        out = plan.run(x)
-    assert rel_err(out, reference(model, x)) <= FP32_RTOL
-    assert plan.backend.name == "torch" and broken.calls == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once only: later calls go to the fallback directly
-        plan.run(x)
-    assert broken.calls == 1
-    # Plans built later skip the failed backend and say why.
-    monkeypatch.setattr(executors, "available", lambda name, device, dtype: (True, "usable"))
-    monkeypatch.setattr(executors, "_warned", set())
-    with pytest.warns(UserWarning, match="using the cuda backend on cuda/torch.bfloat16: triton: its kernels "
-                                         "failed here earlier: RuntimeError: CUDA error: no kernel image"):
-        backend = executors.select(None, torch.device("cuda"), torch.bfloat16)
-    assert backend.name == "cuda" and isinstance(backend, executors.FallbackBackend)
-    assert executors.select("triton", torch.device("cuda"), torch.bfloat16).name == "triton"  # asked for: no skip
-
-
-@pytest.mark.parametrize("error", [ValueError("bad input"), RuntimeError("shape mismatch"), RuntimeError(NO_KERNEL_IMAGE)],
-                         ids=["value-error", "runtime-error", "kernel-failure-nothing-left"])
-def test_fallback_never_hides_other_errors(error, monkeypatch):
-    monkeypatch.setattr(executors, "_failed", {})
-    kernel_failure = NO_KERNEL_IMAGE in str(error)
-    plan = fallback_plan(make_model("bagnet9", num_classes=20), BrokenKernels(error), [] if kernel_failure else ["torch"])
-    with pytest.raises(type(error), match=str(error)):
-        plan.run(torch.randn(1, 3, 9, 9))
-    assert plan.backend.name == "triton" and not executors._failed
-
-
-def test_triton_entry_points_make_the_tensors_device_current(monkeypatch):
-    # Triton launches on the current CUDA device; the backend enters the tensors' device first
-    # (the launch itself is checked with two GPUs in test_gpu_models.py).
-    class OnSecondGpu:
-        is_cuda = True
-        device = torch.device("cuda", 1)
-
-    entered = []
-    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or "guard")
-    assert executors.on_device_of(OnSecondGpu()) == "guard" and entered == [torch.device("cuda", 1)]
-    with executors.on_device_of(torch.zeros(1)):  # nothing to do for CPU tensors
-        pass
-    assert entered == [torch.device("cuda", 1)]
+    model = make_model("bagnet9", num_classes=5)
+    plan = cuda_backend_plan(model)
+    conv = plan.blocks[1].conv1
+    x = torch.randn(1, conv.weight.shape[1], 4, 5).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 1, 2] = float("nan")
+    for keeps in (True, False):
+        monkeypatch.setattr(cuda_backend, "relu_epilogue_keeps_nan", lambda device, keeps=keeps: keeps)
+        with torch.no_grad():
+            out = plan.backend.conv_bias_act(conv, x)
+        assert out[0, :, 1, 2].isnan().all() and not out[0, :, 0, 0].isnan().any()
 
 
 def test_info_cli_lists_the_cuda_backend():
@@ -209,7 +119,7 @@ def test_info_cli_lists_the_cuda_backend():
     assert result.returncode == 0, result.stderr
     lines = [line.split(None, 3) for line in result.stdout.splitlines()]
     cuda = [line for line in lines if line[:2] == ["cpu", "cuda"]]
-    assert cuda and cuda[0][2] == "no" and "CUDA tensors" in cuda[0][3], result.stdout
+    assert cuda and cuda[0][2] == "no" and "cuda tensors" in cuda[0][3], result.stdout
 
 
 # --- on a GPU ---------------------------------------------------------------------------------

@@ -183,9 +183,9 @@ def assert_op_close(out, out_torch, expected, dtype, what: str) -> None:
 
 def _tile_or_skip(table_name: str, index: int, dtype: torch.dtype):
     skip_unless_runnable("triton", dtype)
-    from bagnet_fast.ops import triton_ops
+    from bagnet_fast.ops import triton_ops, triton_tuning
 
-    tiles = getattr(triton_ops, table_name)[triton_ops._dtype_class(dtype)]
+    tiles = getattr(triton_tuning, table_name)[triton_tuning.dtype_class(dtype)]
     if index >= len(tiles):
         pytest.skip(f"{table_name} has {len(tiles)} candidates for {dtype}")
     return triton_ops, tiles[index]

@@ -73,7 +73,7 @@ def test_single_pixel_maps_reach_onednn_with_contiguous_strides():
     # Images of exactly the patch size end in 1x1 maps. oneDNN's outputs carry channels-last
     # strides (C, 1, C, C), which torch 2.11's binary-post-op convolution rejects ("could not
     # create a memory"); the cpu backend passes the same memory with contiguous strides instead.
-    from bagnet_fast.executors import _canonical_single_pixel
+    from bagnet_fast.executors.cpu_backend import _canonical_single_pixel
 
     x = torch.randn(2, 8, 1, 1).as_strided((2, 8, 1, 1), (8, 1, 8, 8))
     y = _canonical_single_pixel(x)

@@ -41,8 +41,8 @@ def test_unit_timer_names_match_plan_costs_and_keep_outputs():
     with torch.no_grad():
         expected = model(x)
         with timer:
-            timed = plan.run(x)
-        untimed = plan.run(x)
+            timed = timer.forward(x)
+        untimed = timer.forward(x)
     assert torch.equal(timed, expected) and torch.equal(untimed, expected)
     assert list(timer.seconds) == [c.name for c in flops.plan_unit_costs(plan, x.shape)]
 

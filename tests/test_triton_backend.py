@@ -30,9 +30,9 @@ TRITON_FP32_RTOL = 1e-4
 def large_interpreter_tiles(monkeypatch):
     """The interpreter runs programs one after another, each tile op as a numpy call: large tiles
     cut the full-model tests several-fold (ragged tiles are the kernel tests' job)."""
-    from bagnet_fast.ops import triton_ops
+    from bagnet_fast.ops import triton_tuning
 
-    monkeypatch.setattr(triton_ops, "INTERPRETER_TILE", triton_ops.Tile(128, 128, 64, 4, 1))
+    monkeypatch.setattr(triton_tuning, "INTERPRETER_TILE", triton_tuning.Tile(128, 128, 64, 4, 1))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to another value")
@@ -91,7 +91,9 @@ def test_triton_compile_failure_falls_back_through_the_registered_ops(monkeypatc
     with torch.no_grad():
         expected = model.reference_forward(x)
     plan = bagnet_fast.build_plan(model, "torch")
-    plan.backend = executors.FallbackBackend(executors.TritonBackend(), ["cpu"], torch.device("cuda"), torch.float32)
+    from bagnet_fast.executors.triton_backend import TritonBackend
+
+    plan.backend = executors.FallbackBackend(TritonBackend(), ["cpu"], torch.device("cuda"), torch.float32)
     plan.backend.prepare(plan)
     with pytest.warns(UserWarning, match="triton backend's kernels failed .*PTXASError: PTXAS error: ptxas fatal"):
         actual = plan.run(x)

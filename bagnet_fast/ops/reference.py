@@ -15,8 +15,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "conv_bias_act",
+    "stem_conv_bias_relu",
+    "bias_residual_act",
+    "bottleneck",
     "pointwise_bottleneck",
+    "pointwise_bottleneck_mean",
     "spatial_mean_linear",
+    "mean_linear",
     "patch_logits",
     "crop_top_left",
     "preprocess",
@@ -48,6 +53,40 @@ def conv_bias_act(
     return torch.relu(y) if relu else y
 
 
+def stem_conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The merged stem: relu(conv3x3_valid(x) + bias) for x (N, 3, H, W), weight (Cout, 3, 3, 3)
+    -> (N, Cout, H - 2, W - 2) channels-last. The CUDA and C++ kernels accumulate in float32
+    (whatever the storage dtype) starting from the bias."""
+    y = F.conv2d(x.float(), weight.float(), bias.float())
+    return torch.relu(y).to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def bias_residual_act(
+    y: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], relu: bool
+) -> torch.Tensor:
+    """act(y + bias[c] + residual[:, :, :H, :W]): the epilogue the cuda backend runs after a
+    vendor GEMM or convolution. y (N, C, H, W); residual (N, C, >=H, >=W) or None."""
+    out = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        out = out + crop_top_left(residual, y.shape[-2], y.shape[-1])
+    return torch.relu(out) if relu else out
+
+
+def bottleneck(
+    x: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, stride: int,
+    w3: torch.Tensor, b3: torch.Tensor,
+    wd: Optional[torch.Tensor] = None, bd: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A block with a k x k conv2 of ``stride`` and/or a 1x1 downsample (wd, bd) of the same
+    stride: relu(W3·relu(W2 * relu(W1·x + b1) + b2) + b3 + residual), residual = the downsample
+    of x (or x), cropped top-left to the output."""
+    t = conv_bias_act(conv_bias_act(x, w1, b1), w2, b2, stride)
+    residual = x if wd is None else conv_bias_act(x, wd, bd, stride, relu=False)
+    return conv_bias_act(t, w3, b3, residual=residual)
+
+
 def pointwise_bottleneck(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -64,6 +103,33 @@ def pointwise_bottleneck(
     t = conv_bias_act(x, w1, b1)
     t = conv_bias_act(t, w2, b2)
     return conv_bias_act(t, w3, b3, residual=x)
+
+
+def pointwise_bottleneck_mean(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+) -> torch.Tensor:
+    """The spatial mean (N, C) of ``pointwise_bottleneck``, in float32 for 16-bit x (else x's
+    dtype): the last block and the mean of the avg_pool=True head (the Triton op never writes
+    the block's output)."""
+    return accumulation(pointwise_bottleneck(x, w1, b1, w2, b2, w3, b3)).mean(dim=(2, 3))
+
+
+def accumulation(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype sums are accumulated in: float32 for 16-bit types, else its own."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def mean_linear(mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The head's linear on (N, C) means, computed in float32 for 16-bit ``dtype`` (else in
+    ``dtype``), returned in ``dtype``."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return torch.addmm(bias.to(wide), mean.to(wide), weight.to(wide).t()).to(dtype)
 
 
 def spatial_mean_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

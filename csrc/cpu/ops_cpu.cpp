@@ -15,38 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "../checks.h"
 #include "../preprocess.h"
 #include "../stem.h"
 
 namespace bagnet_fast {
 namespace {
-
-void check_nchw(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "bagnet_fast: ", name, " must be 4-D (N, C, H, W), got ", t.dim(),
-              "-D");
-  TORCH_CHECK(t.is_floating_point(), "bagnet_fast: ", name, " must be floating point, got ",
-              t.scalar_type());
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bagnet_fast: ", name, " must have the dtype of ",
-              x_name, " (", x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "bagnet_fast: ", name, " must be on the device of ",
-              x_name, " (", x.device(), "), got ", t.device());
-}
-
-void check_matrix(const at::Tensor& w, int64_t rows, int64_t cols, const at::Tensor& b,
-                  const at::Tensor& x, const char* name) {
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, "bagnet_fast: ", name,
-              " must have shape (", rows, ", ", cols, "), got ", w.sizes());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == rows, "bagnet_fast: bias of ", name,
-              " must have shape (", rows, "), got ", b.sizes());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(),
-              "bagnet_fast: ", name, " and its bias must have the dtype of x (", x.scalar_type(),
-              "), got ", w.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(w.device() == x.device() && b.device() == x.device(), "bagnet_fast: ", name,
-              " must be on the device of x");
-}
 
 // oneDNN 1x1 convolutions with fused post-ops (torch's mkldnn::_convolution_pointwise), called
 // boxed so that no private C++ signature is assumed. They accept plain weights and weights
@@ -55,11 +29,14 @@ class OneDnnPointwise {
  public:
   OneDnnPointwise()
       : unary_(find("mkldnn::_convolution_pointwise", "")),
-        inplace_(find("mkldnn::_convolution_pointwise_", "binary")) {}
+        inplace_(find("mkldnn::_convolution_pointwise_", "binary")),
+        bf16_(bf16_supported()) {}
 
+  // float32 always; bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16, AMX or
+  // AVX-NE-CONVERT; the development VM exposes only AVX2 and has none).
   bool available(const at::Tensor& x) const {
     return unary_.has_value() && inplace_.has_value() &&
-           (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+           (x.scalar_type() == at::kFloat || (x.scalar_type() == at::kBFloat16 && bf16_));
   }
 
   // act(conv1x1(x) + b)
@@ -93,6 +70,13 @@ class OneDnnPointwise {
   static std::optional<c10::OperatorHandle> find(const char* name, const char* overload) {
     return c10::Dispatcher::singleton().findSchema({name, overload});
   }
+  static bool bf16_supported() {
+    const auto op = find("mkldnn::_is_mkldnn_bf16_supported", "");
+    if (!op.has_value()) return false;
+    torch::jit::Stack stack;
+    op->callBoxed(&stack);
+    return stack.at(0).toBool();
+  }
   static c10::impl::GenericList no_scalars() {
     return c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get()));
   }
@@ -110,6 +94,7 @@ class OneDnnPointwise {
 
   std::optional<c10::OperatorHandle> unary_;
   std::optional<c10::OperatorHandle> inplace_;
+  bool bf16_;
 };
 
 const OneDnnPointwise& onednn() {
@@ -122,26 +107,6 @@ at::Tensor as_image(const at::Tensor& pixels) {
   return pixels.t().view({1, pixels.size(1), 1, pixels.size(0)});
 }
 
-void check_pointwise_weight(const at::Tensor& w, int64_t out, int64_t in, const at::Tensor& b,
-                            const at::Tensor& x, const char* name) {
-  if (w.is_mkldnn()) {  // prepacked by the plan: shape is all we can check
-    TORCH_CHECK(w.size(0) == out && w.size(1) == in, "bagnet_fast: ", name,
-                " must have shape (", out, ", ", in, ", 1, 1), got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == out && w.size(1) == in && w.size(2) == 1 &&
-                    w.size(3) == 1,
-                "bagnet_fast: ", name, " must have shape (", out, ", ", in, ", 1, 1), got ",
-                w.sizes());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "bagnet_fast: ", name,
-                " must have the dtype of x (", x.scalar_type(), "), got ", w.scalar_type());
-    TORCH_CHECK(w.device() == x.device(), "bagnet_fast: ", name, " must be on the device of x");
-  }
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == out, "bagnet_fast: bias of ", name,
-              " must have shape (", out, "), got ", b.sizes());
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "bagnet_fast: bias of ", name,
-              " must have the dtype of x");
-}
-
 // x <- relu(W3 relu(W2 relu(W1 x + b1) + b2) + b3 + x), in place. Writing into x saves the
 // output allocation and a pass: the last convolution adds its result to x and applies the ReLU
 // in its epilogue. Processing the block in cache-sized pixel tiles was slower with oneDNN's
@@ -151,7 +116,7 @@ void pointwise_bottleneck_inplace_cpu(const at::Tensor& x, const at::Tensor& w1,
                                       const at::Tensor& b1, const at::Tensor& w2,
                                       const at::Tensor& b2, const at::Tensor& w3,
                                       const at::Tensor& b3) {
-  check_nchw(x, "x");
+  check_image(x, "x");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "bagnet_fast: pointwise_bottleneck_ needs x in channels-last memory");
   const int64_t channels = x.size(1);
@@ -180,7 +145,7 @@ at::Tensor pointwise_bottleneck_cpu(const at::Tensor& x, const at::Tensor& w1,
                                     const at::Tensor& b1, const at::Tensor& w2,
                                     const at::Tensor& b2, const at::Tensor& w3,
                                     const at::Tensor& b3) {
-  check_nchw(x, "x");
+  check_image(x, "x");
   at::Tensor out = x.clone(at::MemoryFormat::ChannelsLast);
   pointwise_bottleneck_inplace_cpu(out, w1, b1, w2, b2, w3, b3);
   return out;
@@ -188,19 +153,13 @@ at::Tensor pointwise_bottleneck_cpu(const at::Tensor& x, const at::Tensor& w1,
 
 at::Tensor bias_residual_act_cpu(const at::Tensor& y, const at::Tensor& bias,
                                  const std::optional<at::Tensor>& residual, bool relu) {
-  check_nchw(y, "y");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == y.size(1), "bagnet_fast: bias must have shape (",
-              y.size(1), "), got ", bias.sizes());
-  check_like(bias, y, "bias", "y");
+  check_image(y, "y");
+  check_bias(bias, y.size(1), y, "bias", "y");
   // The output keeps y's memory format (channels-last in, channels-last out).
   at::Tensor out = y.add(bias.view({1, -1, 1, 1}));
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    check_nchw(r, "residual");
-    check_like(r, y, "residual", "y");
-    TORCH_CHECK(r.size(0) == y.size(0) && r.size(1) == y.size(1) && r.size(2) >= y.size(2) &&
-                    r.size(3) >= y.size(3),
-                "bagnet_fast: residual ", r.sizes(), " cannot be cropped to y ", y.sizes());
+    check_residual_crop(r, y);
     out.add_(r.narrow(2, 0, y.size(2)).narrow(3, 0, y.size(3)));
   }
   return relu ? out.clamp_min_(0) : out;
@@ -208,7 +167,7 @@ at::Tensor bias_residual_act_cpu(const at::Tensor& y, const at::Tensor& bias,
 
 at::Tensor spatial_mean_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& bias) {
-  check_nchw(x, "x");
+  check_image(x, "x");
   check_matrix(weight, weight.size(0), x.size(1), bias, x, "weight");
   // Linear after the mean (an exact rewrite of mean after linear): 2048 x K per image instead
   // of H*W x 2048 x K.
@@ -314,7 +273,8 @@ at::Tensor stem_conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight
             }
           }
           scalar_t* y = dst + (row * out_width + wo) * cout;
-          for (int64_t o = 0; o < cout; ++o) y[o] = static_cast<scalar_t>(std::max(acc[o], 0.f));
+          // relu that keeps NaN (as torch.relu): NaN < 0 is false.
+          for (int64_t o = 0; o < cout; ++o) y[o] = static_cast<scalar_t>(acc[o] < 0.f ? 0.f : acc[o]);
         }
       }
     });

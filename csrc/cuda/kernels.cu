@@ -12,6 +12,10 @@ namespace bagnet_fast {
 namespace cuda {
 namespace {
 
+// max(v, 0) keeping NaN, as torch.relu does: fmaxf(NaN, 0) is 0 (IEEE maxNum), which would
+// turn a NaN input into finite logits.
+__device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -80,7 +84,7 @@ __global__ void bias_residual_act_kernel(const T* y, const T* __restrict__ bias,
       for (int k = 0; k < kVec; ++k) {
         float v = to_float(yv.v[k]) + to_float(bv.v[k]);
         if (residual != nullptr) v += to_float(rv.v[k]);
-        ov.v[k] = from_float<T>(relu ? fmaxf(v, 0.f) : v);
+        ov.v[k] = from_float<T>(relu ? relu_keep_nan(v) : v);
       }
       *reinterpret_cast<P*>(out + offset + c) = ov;
     }
@@ -243,7 +247,7 @@ __global__ void stem_conv_bias_relu_kernel(const T* __restrict__ x, const T* __r
     }
     P result;
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) result.v[k] = from_float<T>(fmaxf(acc[k], 0.f));
+    for (int k = 0; k < kGroup; ++k) result.v[k] = from_float<T>(relu_keep_nan(acc[k]));
     *reinterpret_cast<P*>(out + pixel * cout + o0) = result;
   }
 }

@@ -5,9 +5,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 
+#include "../checks.h"
 #include "../preprocess.h"
 #include "../stem.h"
 #include "kernels.h"
@@ -30,15 +35,7 @@ cuda::DType kernel_dtype(at::ScalarType type) {
 
 void check_cuda_image(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "bagnet_fast: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, "bagnet_fast: ", name, " must be 4-D (N, C, H, W), got ", t.dim(),
-              "-D");
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bagnet_fast: ", name, " must have the dtype of ",
-              x_name, " (", x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "bagnet_fast: ", name, " must be on the device of ",
-              x_name, " (", x.device(), "), got ", t.device());
+  check_image(t, name);
 }
 
 void check_launch(cudaError_t status, const char* kernel) {
@@ -59,19 +56,13 @@ void bias_residual_act_into(const at::Tensor& out, const at::Tensor& y, const at
                             const std::optional<at::Tensor>& residual, bool relu) {
   check_cuda_image(y, "y");
   const auto dtype = kernel_dtype(y.scalar_type());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == y.size(1), "bagnet_fast: bias must have shape (",
-              y.size(1), "), got ", bias.sizes());
-  check_like(bias, y, "bias", "y");
+  check_bias(bias, y.size(1), y, "bias", "y");
   const at::Tensor bias_c = bias.contiguous();
   at::Tensor r;
   int64_t strides[3] = {0, 0, 0};
   if (residual.has_value()) {
     r = *residual;
-    check_cuda_image(r, "residual");
-    check_like(r, y, "residual", "y");
-    TORCH_CHECK(r.size(0) == y.size(0) && r.size(1) == y.size(1) && r.size(2) >= y.size(2) &&
-                    r.size(3) >= y.size(3),
-                "bagnet_fast: residual ", r.sizes(), " cannot be cropped to y ", y.sizes());
+    check_residual_crop(r, y);
     // Any view with unit channel stride is read in place (a top-left crop of a channels-last
     // map needs no copy); anything else is made channels-last first.
     if (r.size(1) > 1 && r.stride(1) != 1) r = r.contiguous(at::MemoryFormat::ChannelsLast);
@@ -101,12 +92,7 @@ at::Tensor spatial_mean_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   check_cuda_image(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = kernel_dtype(x.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "bagnet_fast: weight must have shape (K, ",
-              x.size(1), "), got ", weight.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "bagnet_fast: bias of weight must have shape (",
-              weight.size(0), "), got ", bias.sizes());
-  check_like(weight, x, "weight", "x");
-  check_like(bias, x, "bias of weight", "x");
+  check_matrix(weight, weight.size(0), x.size(1), bias, x, "weight");
   const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options());
   check_launch(cuda::spatial_mean(dtype, x_cl.const_data_ptr(), mean.mutable_data_ptr(), x.size(0),
@@ -116,14 +102,27 @@ at::Tensor spatial_mean_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   return at::addmm(bias, mean, weight.t());
 }
 
-void check_pointwise_weight(const at::Tensor& w, int64_t out, int64_t in, const at::Tensor& b,
-                            const at::Tensor& x, const char* name) {
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == out && w.size(1) == in && w.size(2) == 1 && w.size(3) == 1,
-              "bagnet_fast: ", name, " must have shape (", out, ", ", in, ", 1, 1), got ", w.sizes());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == out, "bagnet_fast: bias of ", name, " must have shape (",
-              out, "), got ", b.sizes());
-  check_like(w, x, name, "x");
-  check_like(b, x, (std::string("bias of ") + name).c_str(), "x");
+// relu(bias + x w), the ReLU keeping NaN as torch.relu does. at::_addmm_activation takes
+// cuBLASLt's RELU_BIAS epilogue (one write of the output); whether that epilogue keeps a NaN is
+// not documented, so it is checked once per device and dtype with a 2x16 GEMM, and where it
+// does not, the ReLU runs as a separate relu_ (NaN-keeping) pass.
+at::Tensor gemm_bias_relu(const at::Tensor& bias, const at::Tensor& x, const at::Tensor& w) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, bool> keeps_nan;
+  const std::pair<int, int> key{static_cast<int>(x.get_device()), static_cast<int>(x.scalar_type())};
+  bool keeps;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto found = keeps_nan.find(key);
+    if (found == keeps_nan.end()) {
+      const at::Tensor a = at::full({2, 16}, std::numeric_limits<float>::quiet_NaN(), x.options());
+      const at::Tensor b = at::ones({16, 16}, x.options());
+      const at::Tensor y = at::_addmm_activation(at::zeros({16}, x.options()), a, b);
+      found = keeps_nan.emplace(key, y.isnan().all().item<bool>()).first;
+    }
+    keeps = found->second;
+  }
+  return keeps ? at::_addmm_activation(bias, x, w) : at::addmm(bias, x, w).relu_();
 }
 
 // out <- relu(W3 relu(W2 relu(W1 x + b1) + b2) + b3 + x) on the pixel matrix. The first two
@@ -142,8 +141,8 @@ void pointwise_bottleneck_into(const at::Tensor& out, const at::Tensor& x_cl, co
   check_pointwise_weight(w2, planes, planes, b2, x_cl, "w2");
   check_pointwise_weight(w3, channels, planes, b3, x_cl, "w3");
   if (x_cl.numel() == 0) return;
-  at::Tensor t = at::_addmm_activation(b1, pixel_matrix(x_cl), w1.flatten(1).t());
-  t = at::_addmm_activation(b2, t, w2.flatten(1).t());
+  at::Tensor t = gemm_bias_relu(b1, pixel_matrix(x_cl), w1.flatten(1).t());
+  t = gemm_bias_relu(b2, t, w2.flatten(1).t());
   t = at::mm(t, w3.flatten(1).t());
   bias_residual_act_into(out, as_image(t, x_cl), b3, x_cl, true);
 }

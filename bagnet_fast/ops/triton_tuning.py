@@ -1,0 +1,202 @@
+"""Tuning policy of the Triton kernels: the candidate tiles per op and dtype, how they are fitted
+to a call's channel counts, the autotuning keys and benchmark settings, and the knobs
+(``BAGNET_FAST_AUTOTUNE``, ``BAGNET_FAST_TF32``). The launchers in
+:mod:`bagnet_fast.ops.triton_ops` ask this module which tiles to try; nothing here launches.
+
+Each GEMM op has a handful of candidate tiles per dtype (``CONV_TILES``, ``POINTWISE_TILES``);
+:func:`candidates` fits them to the call's channel counts and asserts that every tl.dot
+dimension is a power of two >= 16 (:func:`check_dot_tile`: the interpreter accepts smaller
+tiles that then fail to compile on a GPU); ``triton.autotune`` picks one on the first call per
+key (channel counts, kernel size/stride, a coarse pixel-count class and the dtypes), cached in
+memory for the process. Nothing is tuned at import. Candidates that do not fit the GPU
+(OutOfResources) are skipped by triton's autotuner. Knobs, read at every call:
+
+- ``BAGNET_FAST_AUTOTUNE=0``: no benchmarking, the first fitting tile (tests, CUDA-graph capture).
+- ``BAGNET_FAST_TF32=1``: fp32 dots in tf32 (opt-in; ~1e-3 relative error instead of the 1e-5
+  fp32 parity bound, and the fast tensor-core path on GPUs). Default "ieee": exact fp32 products.
+- Under ``TRITON_INTERPRET=1`` every op runs one small tile (``INTERPRETER_TILE``), no tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.testing
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration of a GEMM kernel: BLOCK_M pixels × BLOCK_N output channels per
+    program, BLOCK_K input channels per reduction step (for ``pointwise_bottleneck``: BLOCK_K is
+    the stage-1 input chunk, BLOCK_N the stage-3 output chunk)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# bf16/fp16: tensor-core tiles (M = 64 per wgmma warpgroup on Hopper), 3-4 pipeline stages of
+# (BLOCK_M + BLOCK_N)·BLOCK_K·2 B = 16 KB each at 128×128×32, well inside 227 KB of shared memory.
+# The BLOCK_M = 32 tile serves the small pixel counts of batch 1 (more programs than SMs).
+# fp32 ("ieee" products run on the FMA units, not tensor cores) gets fewer, smaller tiles: its
+# operands take twice the shared memory and tuning time is better spent on bf16. Compiled ahead of
+# time for sm_90a (benchmarks/gpu_compile_check.py, triton 3.8, ptxas -v): bf16 80-184 registers
+# and 24-48 KB of shared memory per program, fp32 128-150 registers and 16-24 KB; no spills.
+CONV_TILES: Dict[str, Tuple[Tile, ...]] = {
+    "16bit": (
+        Tile(128, 128, 32, 8, 3),
+        Tile(128, 64, 32, 4, 4),
+        Tile(64, 128, 32, 4, 4),
+        Tile(64, 64, 64, 4, 3),
+        Tile(32, 64, 64, 4, 3),
+    ),
+    "fp32": (Tile(64, 64, 32, 4, 2), Tile(128, 64, 32, 8, 2)),
+}
+# The fused bottleneck holds two [BLOCK_M, P_PAD] fp32 intermediates; BLOCK_M·P_PAD <= 8192
+# (32 KB each) keeps them in registers (see kernels/pointwise_bottleneck.py for the budget).
+POINTWISE_TILES: Dict[str, Tuple[Tile, ...]] = {
+    "16bit": (
+        Tile(64, 64, 64, 4, 3),
+        Tile(64, 128, 32, 8, 3),
+        Tile(128, 64, 32, 8, 2),
+        Tile(32, 64, 32, 4, 2),
+    ),
+    "fp32": (Tile(32, 32, 32, 8, 2), Tile(64, 32, 32, 8, 2)),
+}
+POINTWISE_MAX_INTERMEDIATE = 8192  # BLOCK_M · P_PAD elements of one fp32 intermediate
+# Widest bottleneck (P) run by the fused kernel, per dtype class; wider blocks (BagNet stages 3-4,
+# and stage 2 in fp32) run as three 1×1 conv_bias_act GEMMs. Why: kernels/pointwise_bottleneck.py
+# (fp32's "ieee" FMA dot holds its operands in registers: at P = 128 ptxas spilled 2-18 KB per
+# thread with every tile tried). Tests lower it to reach the split path with small shapes.
+FUSED_MAX_PLANES: Dict[str, int] = {"16bit": 128, "fp32": 64}
+# Ragged with respect to the interpreter tests' shapes (channel counts 40, 48, 80; 37 and 56 pixels).
+INTERPRETER_TILE = Tile(32, 32, 32, 4, 1)
+
+_forced_tiles: Dict[str, Tile] = {}
+
+
+@contextlib.contextmanager
+def force_tile(op: str, tile: Tile) -> Iterator[None]:
+    """Run ``op`` ("conv" or "pointwise") with exactly ``tile`` inside the block (tests check
+    every candidate tile compiles and computes the same on a GPU)."""
+    _forced_tiles[op] = tile
+    try:
+        yield
+    finally:
+        del _forced_tiles[op]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_dot_tile(**tiles: int) -> None:
+    """tl.dot needs power-of-two tile dimensions >= 16 on GPUs; the interpreter does not check."""
+    for name, size in tiles.items():
+        assert size >= 16 and size & (size - 1) == 0, f"tl.dot tile {name}={size} must be a power of two >= 16"
+
+
+def pow2_clamp(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    # fp32 tl.dot defaults to tf32 on GPUs (10-bit mantissa, ~1e-3 relative): far outside the 1e-5
+    # fp32 parity budget, so fp32 asks for exact products unless tf32 is opted into.
+    # Ignored for bf16/fp16 inputs.
+    if dtype == torch.float32 and os.environ.get("BAGNET_FAST_TF32") != "1":
+        return "ieee"
+    return "tf32"
+
+
+def pixel_class(n_pixels: int) -> int:
+    """Coarse autotuning key of the GEMM M dimension: batch 1 and batch 256 want different tiles,
+    but retuning for every image size would cost a benchmark round per shape."""
+    return 0 if n_pixels <= 4096 else 1 if n_pixels <= 65536 else 2
+
+
+def fit(tiles: Sequence[Tile], n: int, k: int, max_m: Optional[int] = None) -> Tuple[Tile, ...]:
+    """The candidate tiles shrunk to the call's channel counts (BLOCK_N <= n, BLOCK_K <= k, both
+    >= 16), without duplicates, in order; ``max_m`` drops tiles with a larger BLOCK_M (the last
+    candidate always stays)."""
+    fitted = []
+    for tile in tiles:
+        tile = Tile(
+            tile.block_m,
+            min(tile.block_n, pow2_clamp(n, 16, 1 << 30)),
+            min(tile.block_k, pow2_clamp(k, 16, 1 << 30)),
+            tile.num_warps,
+            tile.num_stages,
+        )
+        if tile not in fitted and (max_m is None or tile.block_m <= max_m):
+            fitted.append(tile)
+    return tuple(fitted) or (tiles[-1],)
+
+
+def candidates(op: str, table: Dict[str, Tuple[Tile, ...]], dtype: torch.dtype, n: int, k: int,
+                max_m: Optional[int] = None) -> Tuple[Tile, ...]:
+    if interpreting():
+        tiles = (INTERPRETER_TILE,)
+    elif op in _forced_tiles:
+        tiles = (_forced_tiles[op],)
+    else:
+        tiles = fit(table[dtype_class(dtype)], n, k, max_m)
+        if os.environ.get("BAGNET_FAST_AUTOTUNE", "1") == "0":
+            tiles = tiles[:1]
+    for tile in tiles:
+        check_dot_tile(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+    return tiles
+
+
+def _quick_bench(kernel_call: Callable[[], None], quantiles) -> object:
+    # triton's default (25 ms warm-up, 100 ms of repeats per candidate) would make the first
+    # forward of a BagNet-33 take tens of seconds over its ~20 GEMM shapes; 5 + 20 ms still ranks
+    # kernels that run for microseconds to milliseconds.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+_tuners: Dict[Tuple[int, Tuple[Tile, ...], Tuple[str, ...]], object] = {}
+
+
+def autotuned(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...], reset: Tuple[str, ...] = ()):
+    """``kernel`` under triton.autotune over ``tiles``; one tuner per (kernel, candidate list),
+    kept for the process (its cache maps each key to the winner). ``reset``: arguments the tuner
+    zeroes before each trial (outputs that kernels accumulate into with atomics)."""
+    cache_key = (id(kernel), tiles, key, reset)
+    if cache_key not in _tuners:
+        configs = [
+            triton.Config(
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                num_warps=t.num_warps,
+                num_stages=t.num_stages,
+            )
+            for t in tiles
+        ]
+        options = {"reset_to_zero": list(reset)} if reset else {}
+        if "do_bench" in inspect.signature(triton.autotune).parameters:
+            options["do_bench"] = _quick_bench
+        _tuners[cache_key] = triton.autotune(configs=configs, key=list(key), **options)(kernel)
+    return _tuners[cache_key]
+
+
+def autotuned_configs() -> Dict[str, Dict[str, str]]:
+    """What the autotuners chose so far in this process, {kernel name: {key: config}}: for
+    benchmark reports (benchmarks/gpu_check.py)."""
+    chosen: Dict[str, Dict[str, str]] = {}
+    for tuner in _tuners.values():
+        name = getattr(getattr(tuner, "base_fn", None), "__name__", repr(tuner))
+        for key, config in getattr(tuner, "cache", {}).items():
+            chosen.setdefault(name, {})[repr(key)] = str(config)
+    return chosen
