@@ -7,9 +7,9 @@ preprocess -> patch_logits -> defence) on a BagNet.
     python benchmarks/certify_speed.py --patchguard ~/src/PatchGuard   # + the reference (needs scipy)
 
 Maps: N of 26 x 26 x 1000 float32 (BagNet-17 at 224 px, ImageNet classes), standard normal
-logits with the label's class raised by --boost (default 2: every image is certified, so the
-oracle and the reference run every window, their worst and the common case of a good model),
-window 6 (a 32 px patch). The batched functions run on all N maps; the loops on the first
+logits with the label's class raised by --boost (default 2; detection 10; CBN's maps scaled by
+60) so that every image is certified: the oracle and the reference then run every window, their
+worst case and the common case of a good model. Window 6 (a 32 px patch). The batched functions run on all N maps; the loops on the first
 --oracle-maps (their cost per certified map is the same for every map: the JSON says how many
 were timed). Every looped map's prediction and code is compared with the batched result.
 """
@@ -145,7 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--maps", type=int, default=1000)
     parser.add_argument("--oracle-maps", type=int, default=1000, help="maps timed with the loops (default all)")
     parser.add_argument("--defences", default="masking,cbn,detection")
-    parser.add_argument("--boost", type=float, default=2.0, help="added to the label's logits (2: all certified)")
+    parser.add_argument("--boost", type=float, default=2.0,
+                        help="added to the label's logits for masking and CBN (2: all certified)")
+    parser.add_argument("--detection-boost", type=float, default=10.0,
+                        help="the same for detection (10: confident enough to certify at tau 0.5)")
     parser.add_argument("--window", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patchguard", default=None, metavar="DIR",
@@ -153,8 +156,12 @@ def main(argv=None) -> int:
     parser.add_argument("--end-to-end", default="bagnet17", help="model for the images/s measurement ('' to skip)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's; the loops are single-threaded numpy)")
     parser.add_argument("--out", default=None, help="JSON file to write (refuses to overwrite)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.out:
         check_new_outputs([args.out], overwrite=False)
     reference = None
@@ -174,16 +181,20 @@ def main(argv=None) -> int:
         "bagnet_fast": bagnet_fast.__version__, "load_average_before": os.getloadavg(),
         "command": " ".join(["benchmarks/certify_speed.py"] + (argv if argv is not None else sys.argv[1:])),
         "maps": {"count": args.maps, "shape": [26, 26, 1000], "dtype": "float32", "seed": args.seed,
-                 "boost": args.boost, "window": args.window},
+                 "window": args.window},
         "patchguard": None if reference is None else os.path.abspath(args.patchguard),
     }
-    maps, labels = make_maps(args.maps, args.seed, args.boost)
     loops = min(args.oracle_maps, args.maps)
     result["defences"] = {}
     for name in filter(None, args.defences.split(",")):
-        # CBN's tanh(0.05 x - 1) needs logits in the tens to vary: the same maps, scaled by 60.
-        scaled = maps * np.float32(60.0) if name == "cbn" else maps
-        result["defences"][name] = bench_defence(name, scaled, labels, args.window, loops, reference, log)
+        boost = args.detection_boost if name == "detection" else args.boost
+        maps, labels = make_maps(args.maps, args.seed, boost)
+        if name == "cbn":  # tanh(0.05 x - 1) needs logits in the tens to vary: scaled by 60
+            maps *= np.float32(60.0)
+        result["defences"][name] = bench_defence(name, maps, labels, args.window, loops, reference, log)
+        result["defences"][name]["boost"] = boost
+        result["defences"][name]["scale"] = 60.0 if name == "cbn" else 1.0
+        del maps
     if args.end_to_end:
         result["end_to_end"] = bench_end_to_end(args.end_to_end, args.batch, args.batches, 32, log)
     result["load_average_after"] = os.getloadavg()
