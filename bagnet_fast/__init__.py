@@ -5,7 +5,9 @@ bagnet33`` gives the same modules, state_dict and outputs; in eval mode without 
 forward runs a fused inference plan (C++/oneDNN on CPU, Triton/CUDA on GPUs).
 """
 
+from . import certify
 from .accelerate import accelerate, bagnet_from_state_dict
+from .dead_branches import dead_branches
 from .executors import backends
 from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
@@ -28,7 +30,9 @@ __all__ = [
     "bagnet33",
     "bagnet_from_state_dict",
     "build_plan",
+    "certify",
     "cuda_graph",
+    "dead_branches",
     "dense_heatmap",
     "get_plan",
     "heatmap_padding",

@@ -23,7 +23,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     certify_cli.add_arguments(commands.add_parser(
         "certify", help="certified accuracy under PatchGuard-family patch defences (resumable, torchrun)",
         description=certify_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    commands.add_parser("info", help="versions and which backends can run here")
+    info = commands.add_parser("info", help="versions, the backends that can run here, a checkpoint's dead branches")
+    info.add_argument("--weights", metavar="FILE", help="a checkpoint: list the blocks the plan eliminates as dead branches")
+    info.add_argument("--dead-branch-tolerance", type=float, default=None, metavar="TAU",
+                      help="the bound, relative to a block's largest input (default 2**-24)")
+    info.add_argument("--json", metavar="FILE", help="also write the dead-branch report as JSON")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
@@ -33,10 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return heatmap_cli.main(args)
     if args.command == "certify":
         return certify_cli.main(args)
-    return _info()
+    return _info(args)
 
 
-def _info() -> int:
+def _info(args) -> int:
     import torch
 
     import bagnet_fast
@@ -49,6 +53,34 @@ def _info() -> int:
     for device in devices:
         for name, entry in bagnet_fast.backends(device).items():
             print(f"  {device:5s} {name:7s} {'yes' if entry['available'] else 'no ':4s} {entry['reason']}")
+    if args.weights:
+        return _dead_branch_report(args)
+    return 0
+
+
+def _dead_branch_report(args) -> int:
+    from bagnet_fast import dead_branches
+    from bagnet_fast._io import write_json
+    from bagnet_fast.accelerate import bagnet_from_state_dict
+    from bagnet_fast.weights import load_checkpoint
+
+    try:
+        model = bagnet_from_state_dict(load_checkpoint(args.weights)).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"cannot load --weights {args.weights}: {error}")
+    report = dead_branches(model, args.dead_branch_tolerance)
+    tolerance = report[0].tolerance if report else args.dead_branch_tolerance
+    print(f"dead branches of {args.weights} (BagNet-{model.patch_size}): a 1x1 block is eliminated when "
+          f"|branch(x) - constant| <= gain * max|x| with gain <= {tolerance:.3g}")
+    saved = 0
+    for entry in report:
+        print(f"  {entry.name:9s} gain {entry.gain:10.3e}  {'eliminated' if entry.eliminated else 'kept':10s} "
+              f"{entry.flops_per_image_224 / 1e9:6.3f} GFLOP per 224x224 image")
+        saved += entry.flops_per_image_224 if entry.eliminated else 0
+    print(f"  saved: {saved / 1e9:.3f} GFLOP per 224x224 image")
+    if args.json:
+        write_json(args.json, {"weights": args.weights, "tolerance": tolerance, "saved_flops_per_image_224": saved,
+                               "blocks": [entry.as_dict() for entry in report]})
     return 0
 
 

@@ -173,8 +173,8 @@ class PlanState:
     partial ``.data`` writes between the sampled positions; call ``bagnet_fast.refresh(model)``.
     """
 
-    def __init__(self, model: nn.Module, backend_name: Optional[str], verify: bool = False) -> None:
-        self.backend_name = backend_name
+    def __init__(self, model: nn.Module, settings: tuple, verify: bool = False) -> None:
+        self.settings = settings  # (backend name, dead-branch tolerance) it was built for
         self.epoch = _EPOCH[0]
         self.modules = [m for m in model.modules()]  # kept alive: their ids cannot be reused
         self.tensors = [*model.parameters(), *model.buffers()]
@@ -185,8 +185,8 @@ class PlanState:
         # Full copies for ``verify``: taken now when verification is on, else at its first use.
         self._copies: Optional[List[torch.Tensor]] = [t.detach().clone() for t in self.tensors] if verify else None
 
-    def is_fresh(self, model: nn.Module, backend_name: Optional[str], full: bool = False) -> bool:
-        if backend_name != self.backend_name:
+    def is_fresh(self, model: nn.Module, settings: tuple, full: bool = False) -> bool:
+        if settings != self.settings:
             return False
         if _EPOCH[0] != self.epoch:
             modules = [m for m in model.modules()]

@@ -46,12 +46,12 @@ from .heatmap_cli import (
     _distributed,
     _groups_by_size,
     _load_model,
-    _NoBar,
+    _progress_bar,
     _total,
     find_images,
     read_image,
+    weights_configuration,
 )
-from .heatmap_cli import run_configuration as heatmap_configuration
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
 __all__ = ["add_arguments", "main", "image_folder", "prepare_image", "transform", "summarize", "PRESETS"]
@@ -199,11 +199,7 @@ def run_configuration(args) -> Dict:
     config.update({"masking": {"threshold": args.threshold, "clip": args.clip},
                    "clip": {"clip": args.clip, "sound": args.sound}, "cbn": {"sound": args.sound},
                    "detection": {"tau": args.tau}}[args.defense])
-    # The weights' record (file and sha256, "pretrained" or the --random-init seed) as the heatmap
-    # CLI keeps it; its run_configuration also reads heatmap-only options, given neutral values.
-    heatmap_options = argparse.Namespace(**{**vars(args), "dense": False, "target_class": None, "top": 1,
-                                            "patches": 1, "no_plot": True})
-    config["weights"] = heatmap_configuration(heatmap_options)["weights"]
+    config["weights"] = weights_configuration(args)
     return config
 
 
@@ -270,14 +266,6 @@ def _start_parts(out: Path, config: Dict, args, rank: int, world: int, device: t
 
 # --- the work --------------------------------------------------------------------------------
 
-
-def _progress_bar(total: int, disabled: bool):
-    # heatmap_cli's bar, but named "certify" (its _progress_bar hard-codes the name "heatmap").
-    if disabled or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="certify", unit="img")
 
 
 def _certify_group(model, group, args, root: Path) -> List[Dict]:
@@ -347,7 +335,7 @@ def main(args) -> int:
     todo = [(path, label) for path, label in shard if path.relative_to(root).as_posix() not in done]
     failures: List[str] = []
     pending: List[Dict] = []
-    bar = _progress_bar(len(todo), args.no_progress or rank != 0 and world > 1)
+    bar = _progress_bar(len(todo), args.no_progress or rank != 0 and world > 1, "certify")
     started, certified = time.perf_counter(), 0
     try:
         with torch.inference_mode():

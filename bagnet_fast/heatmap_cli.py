@@ -181,16 +181,19 @@ def _summary(summary_path: Path) -> Optional[dict]:
 def run_configuration(args) -> dict:
     """What an image's outputs depend on, recorded in its summary: a rerun with other options
     must not count the old outputs as done."""
-    config = {"model": args.model, "dense": bool(args.dense), "class": args.target_class,
-              "top": None if args.target_class is not None else args.top, "patches": args.patches,
-              "plot": not args.no_plot}
+    return {"model": args.model, "dense": bool(args.dense), "class": args.target_class,
+            "top": None if args.target_class is not None else args.top, "patches": args.patches,
+            "plot": not args.no_plot, "weights": weights_configuration(args)}
+
+
+def weights_configuration(args):
+    """The record of where the weights came from: the file and its sha256, "pretrained", or the
+    --random-init seed (shared by the CLIs that resume)."""
     if args.weights:
-        config["weights"] = {"file": os.path.abspath(args.weights), "sha256": _sha256(args.weights)}
-    elif args.pretrained:
-        config["weights"] = "pretrained"
-    else:
-        config["weights"] = {"random_init_seed": args.seed}
-    return config
+        return {"file": os.path.abspath(args.weights), "sha256": _sha256(args.weights)}
+    if args.pretrained:
+        return "pretrained"
+    return {"random_init_seed": args.seed}
 
 
 def _sha256(path: str) -> Optional[str]:
@@ -461,9 +464,9 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, disabled: bool):
+def _progress_bar(total: int, disabled: bool, desc: str = "heatmap"):
     if disabled or total == 0:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="heatmap", unit="img")
+    return tqdm(total=total, desc=desc, unit="img")

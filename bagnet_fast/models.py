@@ -109,6 +109,9 @@ class BagNet(nn.Module):
 
         self._inference_plan: Any = None
         self.backend: Optional[str] = None  # None: the fastest correct backend available
+        # Blocks whose residual branch is constant within this bound (relative to their largest
+        # input) are left out of the plan; 0 keeps every block (bagnet_fast.dead_branches).
+        self.dead_branch_tolerance: float = 2.0 ** -24
 
     def _make_layer(
         self, block: type, planes: int, blocks: int, stride: int, kernel3: int

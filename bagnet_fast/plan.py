@@ -38,7 +38,9 @@ from torch import nn
 from . import executors as _backends
 from .executors.base import downsample_input as _downsample_input
 from ._plan_state import PlanState, UnsupportedModel, check_structure, dispatch_problem
+from .dead_branches import DEFAULT_TOLERANCE, eliminate_dead_branches
 from .ops import reference as ref
+from .precision import fast_path_precision
 
 __all__ = [
     "ConvUnit",
@@ -152,6 +154,12 @@ class InferencePlan:
     backend: "_backends.Backend"
     finite_weights: bool = True  # every folded weight and bias finite (see ``executor``)
     state: Optional[PlanState] = None  # what it was built from (freshness)
+    dead_branches: List[object] = field(default_factory=list)  # dead_branches.DeadBranch records
+
+    @property
+    def eliminated(self) -> List[object]:
+        """The blocks removed as dead branches (their constants are in the neighbours' biases)."""
+        return [d for d in self.dead_branches if d.eliminated]
 
     # --- description --------------------------------------------------------------------
 
@@ -237,17 +245,19 @@ class InferencePlan:
         """(N, 3, H, W) images -> (N, C, H', W') features in channels-last memory."""
         if x.shape[0] == 0:
             return x.new_empty((0, self.head.weight.shape[1], *self.output_size(*x.shape[-2:])))
-        return self.walk(x)
+        with fast_path_precision(self.dtype, x.device.type):
+            return self.walk(x)
 
     def patch_logits(self, x: torch.Tensor, classes=None, hook: Optional[Hook] = None) -> torch.Tensor:
         """Per-patch logits (N, H', W', K) (K = len(classes) when given)."""
         if x.shape[0] == 0:
             count = self.head.weight.shape[0] if classes is None else len(classes)
             return x.new_empty((0, *self.output_size(*x.shape[-2:]), count))
-        executor = self.executor(x)
-        features = self.walk(x, hook, executor=executor)
-        run = lambda f: executor.patch_logits(f, self.head.weight, self.head.bias, classes)  # noqa: E731
-        return run(features) if hook is None else hook(self.head, run, features)
+        with fast_path_precision(self.dtype, x.device.type):
+            executor = self.executor(x)
+            features = self.walk(x, hook, executor=executor)
+            run = lambda f: executor.patch_logits(f, self.head.weight, self.head.bias, classes)  # noqa: E731
+            return run(features) if hook is None else hook(self.head, run, features)
 
     def run(self, x: torch.Tensor, avg_pool: bool = True, hook: Optional[Hook] = None) -> torch.Tensor:
         """Logits (N, K) with avg_pool, else per-patch logits (N, H', W', K). With a hook every
@@ -258,6 +268,10 @@ class InferencePlan:
             return x.new_empty(shape)
         if not avg_pool:
             return self.patch_logits(x, hook=hook)
+        with fast_path_precision(self.dtype, x.device.type):
+            return self._logits(x, hook)
+
+    def _logits(self, x: torch.Tensor, hook: Optional[Hook]) -> torch.Tensor:
         executor = self.executor(x)
         last = self.blocks[-1]
         if hook is None and last.is_pointwise:
@@ -411,19 +425,24 @@ def get_plan(model: nn.Module) -> InferencePlan:
     """The model's cached plan, rebuilt if anything it depends on changed since it was built
     (see :class:`PlanState`). (Under torch.compile / torch.export the forward runs
     :func:`traced_forward` instead: no cache, no pointer reads.)"""
-    backend_name = getattr(model, "backend", None)
+    settings = plan_settings(model)
     cached = getattr(model, "_inference_plan", None)
-    if cached is not None and cached.state.is_fresh(model, backend_name, full=_verify_all[0]):
+    if cached is not None and cached.state.is_fresh(model, settings, full=_verify_all[0]):
         return cached
-    plan = build_plan(model, backend_name)
+    plan = build_plan(model, *settings)
     model._inference_plan = plan
     return plan
+
+
+def plan_settings(model: nn.Module) -> tuple:
+    """What a plan is built for besides the weights: (backend, dead-branch tolerance)."""
+    return getattr(model, "backend", None), getattr(model, "dead_branch_tolerance", DEFAULT_TOLERANCE)
 
 
 def plan_is_fresh(model: nn.Module) -> bool:
     """Whether the model's cached plan (if any) still computes what the model computes."""
     cached = getattr(model, "_inference_plan", None)
-    return cached is not None and cached.state.is_fresh(model, getattr(model, "backend", None), full=_verify_all[0])
+    return cached is not None and cached.state.is_fresh(model, plan_settings(model), full=_verify_all[0])
 
 
 def refresh(model: nn.Module) -> None:
@@ -486,9 +505,12 @@ def _blocks(model: nn.Module, first_jump: int, first_field: int) -> List[BlockUn
     return units
 
 
-def build_plan(model: nn.Module, backend_name: Optional[str] = None) -> InferencePlan:
+def build_plan(model: nn.Module, backend_name: Optional[str] = None,
+               dead_branch_tolerance: float = DEFAULT_TOLERANCE) -> InferencePlan:
     """Fold, merge and prepare a BagNet-architecture model for ``backend_name`` (None: the
-    fastest correct backend for the model's device and dtype). Raises :class:`UnsupportedModel`
+    fastest correct backend for the model's device and dtype), eliminating the blocks whose
+    branch is constant within ``dead_branch_tolerance`` (relative to the block's largest input;
+    0 keeps every block; see :mod:`bagnet_fast.dead_branches`). Raises :class:`UnsupportedModel`
     for a structure the plan does not understand."""
     check_structure(model)
     device, dtype = model.fc.weight.device, model.fc.weight.dtype
@@ -504,10 +526,11 @@ def build_plan(model: nn.Module, backend_name: Optional[str] = None) -> Inferenc
             head=HeadUnit(model.fc.weight.detach(), model.fc.bias.detach()),
             backend=backend,
         )
+        plan.dead_branches = eliminate_dead_branches(plan, model, dead_branch_tolerance)
         tensors = [t for conv in plan.convolutions() for t in (conv.weight, conv.bias)]
         tensors += [plan.head.weight, plan.head.bias]
         plan.finite_weights = all(bool(torch.isfinite(t).all()) for t in tensors)
-        plan.state = PlanState(model, backend_name, verify=_verify_all[0])
+        plan.state = PlanState(model, (backend_name, dead_branch_tolerance), verify=_verify_all[0])
         backend.prepare(plan)
     return plan
 
