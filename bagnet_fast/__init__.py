@@ -12,6 +12,7 @@ from .executors import backends
 from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
+from .precision import precision_report
 from .plan import build_plan, get_plan, plan_is_fresh, receptive_field, refresh, verify_plans
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, heatmap_padding, preprocess
 
@@ -41,6 +42,7 @@ __all__ = [
     "patch_features",
     "patch_logits",
     "plan_is_fresh",
+    "precision_report",
     "preprocess",
     "receptive_field",
     "refresh",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bagnet_fast {bench,profile,heatmap,certify,info}``."""
+"""Command line: ``python -m bagnet_fast {bench,profile,heatmap,certify,precision,info}``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     certify_cli.add_arguments(commands.add_parser(
         "certify", help="certified accuracy under PatchGuard-family patch defences (resumable, torchrun)",
         description=certify_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    from . import precision_cli
+
+    precision_cli.add_arguments(commands.add_parser(
+        "precision", help="the error of every precision mode against float64, per unit (your weights and images)",
+        description=precision_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     info = commands.add_parser("info", help="versions, the backends that can run here, a checkpoint's dead branches")
     info.add_argument("--weights", metavar="FILE", help="a checkpoint: list the blocks the plan eliminates as dead branches")
     info.add_argument("--dead-branch-tolerance", type=float, default=None, metavar="TAU",
@@ -37,6 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return heatmap_cli.main(args)
     if args.command == "certify":
         return certify_cli.main(args)
+    if args.command == "precision":
+        return precision_cli.main(args)
     return _info(args)
 
 

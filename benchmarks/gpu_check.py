@@ -156,12 +156,12 @@ def environment(device: torch.device) -> dict:
 
 
 def device_limits(device: torch.device) -> dict:
-    """bf16 matmul TFLOP/s and copy GB/s (read + write), measured by the same code as
-    ``python -m bagnet_fast bench`` (best of a few 8192³ GEMMs and 1 GiB copies on a GPU)."""
+    """bf16 GEMM TFLOP/s and copy GB/s (read + write), measured by the same code as
+    ``python -m bagnet_fast bench`` (bagnet_fast.timing: the best GEMM up to 8192³, 1 GiB copies)."""
     peaks = _timing.measure_peaks(device, torch.bfloat16)
     return {
         "peaks": peaks,  # as bagnet_fast.profile's roofline takes them
-        "matmul_n": peaks["matmul_size"],
+        "matmul": peaks["matmul_source"],
         "bf16_matmul_tflops": peaks["matmul_flops_per_s"] / 1e12,
         "copy_bytes": int(peaks["copy_mib"] * 2**21),  # read + write
         "copy_gbps": peaks["copy_bytes_per_s"] / 1e9,
@@ -261,7 +261,7 @@ def stem_implementations(batch: int, args, device: torch.device, dtype: torch.dt
     (BAGNET_FAST_CUDA_STEM=cudnn), and the Triton implicit GEMM. Decides the cuda backend's
     default (executors.cuda_backend.CudaBackend.stem_conv_bias_relu)."""
     model = make_bagnet("bagnet33", device, dtype)
-    stem = bagnet_fast.build_plan(model, "torch").stem
+    stem = bagnet_fast.build_plan(model, "torch").stem.conv
     x = torch.randn(batch, 3, args.image, args.image, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     ops = torch.ops.bagnet_fast
@@ -410,7 +410,7 @@ def markdown(result: dict) -> str:
         f"commit {env['git_commit']} · images {result['image']}×{result['image']} · cudnn.allow_tf32={env['cudnn_allow_tf32']}",
         "",
         f"Device limits: bf16 matmul {limits.get('bf16_matmul_tflops', float('nan')):.1f} TFLOP/s "
-        f"({limits.get('matmul_n')}³), copy {limits.get('copy_gbps', float('nan')):.0f} GB/s (read + write).",
+        f"({limits.get('matmul')}), copy {limits.get('copy_gbps', float('nan')):.0f} GB/s (read + write).",
         "",
         "| model | batch | implementation | img/s | ms/batch | first call s | TFLOP/s | note |",
         "|---|---:|---|---:|---:|---:|---:|---|",
