@@ -11,7 +11,7 @@ import triton.language as tl
 from .tiles import add, load_bias, load_tile, pixel_coords, pixel_rows, relu, store_tile
 
 
-@triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out"])
+@triton.jit(do_not_specialize=["n_pixels", "h_out", "w_out", "m_bucket"])
 def _conv_bias_act_kernel(
     x_ptr,  # input activations, logical (N, Cin, H, W), any strides (channels-last in practice)
     w_ptr,  # weight (Cout, Cin, k, k), any strides (channels-last in practice: Cin contiguous)

@@ -49,7 +49,7 @@ import triton.language as tl
 from .tiles import load_bias, load_tile, pixel_rows, relu, store_tile
 
 
-@triton.jit(do_not_specialize=["n_pixels"])
+@triton.jit(do_not_specialize=["n_pixels", "m_bucket"])
 def _pointwise_bottleneck_kernel(
     x_ptr,  # input rows (M, C): pixel m = (n, h, w) of a channels-last (N, C, H, W) tensor
     w1_ptr,  # W1 (P, C): the 4c -> c reduction conv, any strides

@@ -92,6 +92,11 @@ def _launch(kernel, tiles: Tuple[Tile, ...], key: Tuple[str, ...], grid: Callabl
     torch.library.wrap_triton(_tuning.autotuned(kernel, tiles, key, reset))[grid](*args, **constexprs)
 
 
+def _launch_fixed(kernel, grid, *args, **constexprs) -> None:
+    """Launch a kernel with fixed tiles (no autotuner; the tiles and num_warps are in ``constexprs``)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N*H*W, C) pixel rows; a view when t is channels-last."""
     n, c, h, w = t.shape
@@ -136,7 +141,7 @@ def _conv_bias_act(
         w = w.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else x  # dummy pointer, never read
     n_pixels = n * h_out * w_out
-    tiles = _tuning.candidates("conv", _tuning.CONV_TILES, x.dtype, c_out, c_in)
+    tiles = _tuning.candidates("conv", _tuning.CONV_TILES, x.dtype, c_out, c_in, n_pixels)
     _launch(
         _conv_kernels._conv_bias_act_kernel,
         tiles,
@@ -271,9 +276,8 @@ def _pointwise_bottleneck_fused(x, w1, b1, w2, b2, w3, b3, channels: int, p_pad:
     x_rows, y_rows = _rows(x), _rows(y)  # (M, C)
     n_pixels = x_rows.shape[0]
     _tuning.check_dot_tile(P_PAD=p_pad)
-    tiles = _tuning.candidates(
-        "pointwise", _tuning.POINTWISE_TILES, dtype, channels, channels, max_m=_tuning.POINTWISE_MAX_INTERMEDIATE // p_pad
-    )
+    tiles = _tuning.candidates("pointwise", _tuning.POINTWISE_TILES, dtype, channels, channels, n_pixels,
+                               max_m=_tuning.POINTWISE_MAX_INTERMEDIATE // p_pad)
     _launch(
         _bottleneck_kernels._pointwise_bottleneck_kernel,
         tiles,
@@ -308,7 +312,8 @@ def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
     # A memory-bound reduction of the smallest map (< 1 % of a forward): fixed tiles, no tuning.
     block_c = _tuning.pow2_clamp(channels, 16, 128)
     block_p = _tuning.pow2_clamp(height * width, 1, 32)
-    torch.library.wrap_triton(_head_kernels._spatial_mean_kernel)[(n, triton.cdiv(channels, block_c))](
+    _launch_fixed(
+        _head_kernels._spatial_mean_kernel, (n, triton.cdiv(channels, block_c)),
         x, mean, channels, height, width, *x.stride(),
         BLOCK_P=block_p,
         BLOCK_C=block_c,
@@ -343,7 +348,8 @@ def _triton_patch_logits(
     block_k = _tuning.pow2_clamp(channels, 16, 32)
     _tuning.check_dot_tile(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     grid = (triton.cdiv(n_pixels, block_m), triton.cdiv(n_classes, block_n))
-    torch.library.wrap_triton(_head_kernels._patch_logits_kernel)[grid](
+    _launch_fixed(
+        _head_kernels._patch_logits_kernel, grid,
         x_rows, w, bias.contiguous(), index, y,
         n_pixels, channels, n_classes,
         *x_rows.stride(), *w.stride(),

@@ -145,14 +145,34 @@ def fit(tiles: Sequence[Tile], n: int, k: int, max_m: Optional[int] = None) -> T
     return tuple(fitted) or (tiles[-1],)
 
 
-def candidates(op: str, table: Dict[str, Tuple[Tile, ...]], dtype: torch.dtype, n: int, k: int,
-                max_m: Optional[int] = None) -> Tuple[Tile, ...]:
+# At most this many candidates are benchmarked per autotuning key: each costs a compile (0.5-1.5 s
+# on the GPU machine) and ~30-80 ms of benchmarking at batch-256 sizes (GPU_REVIEW.md §1).
+MAX_CANDIDATES = 4
+
+
+def prune(tiles: Sequence[Tile], m: int) -> Tuple[Tile, ...]:
+    """The candidates worth trying for a GEMM of ``m`` rows (pixels), at most MAX_CANDIDATES:
+    - m <= 4096 (batch 1 from stage 2 on: 576-3136 pixels): no 128-row tiles. 576 pixels make 5
+      of them per output-channel column, so a 2048-channel GEMM has 80 programs for 132 SMs;
+    - m > 65536 (batch >= 32 everywhere): no 32-row tiles. They read every weight tile twice as
+      often per pixel as 64-row ones and exist for the small m above.
+    The last fitted tile stays if nothing else does."""
+    size = pixel_class(m)
+    kept = [t for t in tiles if not (size == 0 and t.block_m >= 128) and not (size == 2 and t.block_m <= 32)]
+    return tuple(kept[:MAX_CANDIDATES]) or tuple(tiles[-1:])
+
+
+def candidates(op: str, table: Dict[str, Tuple[Tile, ...]], dtype: torch.dtype, n: int, k: int, m: int,
+               max_m: Optional[int] = None) -> Tuple[Tile, ...]:
+    """The tiles to try for an (m × k) · (k × n) GEMM: the table's entries for the dtype fitted
+    to n and k (:func:`fit`) and pruned for m (:func:`prune`); one under
+    BAGNET_FAST_AUTOTUNE=0, :func:`force_tile` or the interpreter."""
     if interpreting():
         tiles = (INTERPRETER_TILE,)
     elif op in _forced_tiles:
         tiles = (_forced_tiles[op],)
     else:
-        tiles = fit(table[dtype_class(dtype)], n, k, max_m)
+        tiles = prune(fit(table[dtype_class(dtype)], n, k, max_m), m)
         if os.environ.get("BAGNET_FAST_AUTOTUNE", "1") == "0":
             tiles = tiles[:1]
     for tile in tiles:
