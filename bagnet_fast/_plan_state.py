@@ -19,7 +19,7 @@ from torch.nn.modules import module as _module
 
 from . import _extension
 
-__all__ = ["PlanState", "UnsupportedModel", "check_structure", "dispatch_problem", "tensor_states", "SAMPLES"]
+__all__ = ["PlanState", "UnsupportedModel", "check_structure", "dispatch_problem", "head_problem", "tensor_states", "SAMPLES"]
 
 SAMPLES = 8  # values read per tensor by the freshness check (CPU tensors): ~5 us per 100 tensors, cache misses
 
@@ -63,15 +63,28 @@ def _check_bn(bn, where: str) -> None:
             "a BatchNorm without running statistics (it normalises with batch statistics)")
 
 
-def check_structure(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModel` unless ``model`` has exactly the modules the plan folds."""
+def head_problem(model: nn.Module) -> Optional[str]:
+    """Why the plan cannot fuse ``model``'s head (None: it can): any nn.Linear ``fc`` after the
+    reference's mean. Other heads run on the plan's features (``BagNet.forward_head``)."""
+    if not (isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1))):
+        return "avgpool is not AdaptiveAvgPool2d(1)"
+    if not isinstance(model.fc, nn.Linear) or type(model.fc).forward is not nn.Linear.forward:
+        return f"fc is a {type(model.fc).__name__}, not an nn.Linear"
+    if model.fc._forward_hooks or model.fc._forward_pre_hooks:
+        return "fc has forward hooks"
+    return None
+
+
+def check_structure(model: nn.Module, head: bool = True) -> None:
+    """Raise :class:`UnsupportedModel` unless ``model`` has exactly the modules the plan folds
+    (with ``head``: its head too)."""
     _check_conv(model.conv1, "conv1")
     _check_conv(model.conv2, "conv2")
     _check_bn(model.bn1, "bn1")
     _expect(type(model.relu) is nn.ReLU, "relu", f"a {type(model.relu).__name__}, not an nn.ReLU")
-    _expect(isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1)),
-            "avgpool", "not AdaptiveAvgPool2d(1)")
-    _expect(type(model.fc) is nn.Linear and model.fc.bias is not None, "fc", "not an nn.Linear with a bias")
+    if head:
+        problem = head_problem(model)
+        _expect(problem is None, "head", problem or "")
     for s in range(1, 5):
         stage = getattr(model, f"layer{s}")
         _expect(type(stage) is nn.Sequential, f"layer{s}", "not an nn.Sequential of blocks")
@@ -104,31 +117,38 @@ def _global_hooks() -> bool:
 
 
 def _dispatch_cache(model: nn.Module):
-    """(epoch, __dict__ of every sub-module, structure problem or None), recomputed when a
-    module, parameter or buffer was assigned anywhere since."""
+    """(epoch, __dict__ of every sub-module but the head's, structure problem or None, head
+    problem or None), recomputed when a module, parameter or buffer was assigned anywhere since."""
     cached = model.__dict__.get("_bagnet_fast_dispatch")
     if cached is None or cached[0] != _EPOCH[0]:
         try:
-            check_structure(model)
+            check_structure(model, head=False)
             problem = None
         except UnsupportedModel as error:
             problem = str(error)
         except AttributeError as error:  # a module the structure needs is missing
             problem = f"missing module ({error})"
-        dicts = [m.__dict__ for _, m in model.named_modules() if m is not model]
-        cached = (_EPOCH[0], dicts, problem)
+        head = head_problem(model) if problem is None else problem
+        heads = {id(m) for m in model.fc.modules()} if hasattr(model, "fc") else set()
+        dicts = [m.__dict__ for _, m in model.named_modules() if m is not model and id(m) not in heads]
+        cached = (_EPOCH[0], dicts, problem, head)
         model.__dict__["_bagnet_fast_dispatch"] = cached
     return cached
 
 
-def dispatch_problem(model: nn.Module) -> Optional[Tuple[str, str]]:
-    """Why a forward must run the reference modules instead of the plan, or None: ("mode",
-    ...) a sub-module in training mode, ("hooks", ...) forward hooks, ("unsupported", ...)."""
-    _, dicts, problem = _dispatch_cache(model)
+def dispatch_problem(model: nn.Module, head: bool = True) -> Optional[Tuple[str, str]]:
+    """Why a forward must run the reference modules instead of the plan (``head``: the plan's
+    fused head too), or None: ("mode", ...) a sub-module in training mode, ("hooks", ...) forward
+    hooks, ("unsupported", ...) a structure it cannot fold, ("head", ...) a head it cannot fuse
+    (the plan can still compute the features). The head's own modules may train and have hooks
+    when only the features are asked for."""
+    _, dicts, problem, head_issue = _dispatch_cache(model)
     if problem is not None:
         return "unsupported", problem
     if _global_hooks():
         return "hooks", "global module forward hooks are registered"
+    if head and head_issue is not None:
+        return "head", head_issue
     for d in dicts:
         if d["training"]:
             return "mode", "a sub-module is in training mode"

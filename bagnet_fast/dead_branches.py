@@ -135,6 +135,15 @@ def eliminate_dead_branches(plan, model: nn.Module, tolerance: float) -> List[De
             index += 1
             continue
         previous = kept[-1]
+        run_end = index
+        while run_end < len(units) and units[run_end].name in dead:
+            run_end += 1
+        if run_end == len(units) and plan.head is None:
+            # A shift could not go into a head module of the user's: keep the trailing blocks.
+            for block in units[index:]:
+                dead[block.name].eliminated = False
+                kept.append(block)
+            break
         shift = torch.zeros(unit.out_channels, dtype=torch.float64)
         lower = torch.zeros_like(shift)
         while index < len(units) and units[index].name in dead:

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import executors as _backends
 from .executors.base import downsample_input as _downsample_input
-from ._plan_state import PlanState, UnsupportedModel, check_structure, dispatch_problem
+from ._plan_state import PlanState, UnsupportedModel, check_structure, dispatch_problem, head_problem
 from .dead_branches import DEFAULT_TOLERANCE, eliminate_dead_branches
 from .ops import reference as ref
 from .precision import fast_path_precision
@@ -207,11 +207,17 @@ class InferencePlan:
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.stem.conv.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+        return self.stem.conv.weight.dtype
+
+    def _fused_head(self) -> HeadUnit:
+        if self.head is None:
+            raise ValueError("this model's head (fc) is not an nn.Linear: the plan computes its features "
+                             "(plan.features, BagNet.forward_features), its own head runs on them")
+        return self.head
 
     # --- running --------------------------------------------------------------------------
 
@@ -244,12 +250,13 @@ class InferencePlan:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, C, H', W') features in channels-last memory."""
         if x.shape[0] == 0:
-            return x.new_empty((0, self.head.weight.shape[1], *self.output_size(*x.shape[-2:])))
+            return x.new_empty((0, self.units[-1].out_channels, *self.output_size(*x.shape[-2:])))
         with fast_path_precision(self.dtype, x.device.type):
             return self.walk(x)
 
     def patch_logits(self, x: torch.Tensor, classes=None, hook: Optional[Hook] = None) -> torch.Tensor:
         """Per-patch logits (N, H', W', K) (K = len(classes) when given)."""
+        self._fused_head()
         if x.shape[0] == 0:
             count = self.head.weight.shape[0] if classes is None else len(classes)
             return x.new_empty((0, *self.output_size(*x.shape[-2:]), count))
@@ -262,6 +269,7 @@ class InferencePlan:
     def run(self, x: torch.Tensor, avg_pool: bool = True, hook: Optional[Hook] = None) -> torch.Tensor:
         """Logits (N, K) with avg_pool, else per-patch logits (N, H', W', K). With a hook every
         unit runs on its own (the fused last block + mean is split into its two units)."""
+        self._fused_head()
         if x.shape[0] == 0:  # the reference's shapes, without launching anything
             classes = self.head.weight.shape[0]
             shape = (0, classes) if avg_pool else (0, *self.output_size(*x.shape[-2:]), classes)
@@ -339,7 +347,7 @@ def check_input(x: torch.Tensor, patch_size: int) -> None:
 
 
 def check_model_input_match(model: nn.Module, x: torch.Tensor) -> None:
-    weight = model.fc.weight
+    weight = model.conv2.weight  # the first weight the images meet (the head may be any module)
     if x.device != weight.device:
         raise ValueError(f"images are on {x.device} but the model is on {weight.device}")
     if x.dtype != weight.dtype:
@@ -355,8 +363,10 @@ def check_model_input_match(model: nn.Module, x: torch.Tensor) -> None:
 _noted: set = set()
 
 
-def uses_inference_plan(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a forward of ``model`` on ``x`` runs the plan (else: the reference modules).
+def uses_inference_plan(model: nn.Module, x: torch.Tensor, head: bool = True) -> bool:
+    """Whether a forward of ``model`` on ``x`` runs the plan (else: the reference modules);
+    with ``head=False``, whether the plan computes the features (the head's own parameters may
+    then require grad: a new head trained on a frozen backbone gets the fused features).
 
     The plan computes the eval-mode function of the modules as they are; it is not used when
     - an autograd graph is needed: grad enabled and the input or any parameter requires grad
@@ -371,16 +381,25 @@ def uses_inference_plan(model: nn.Module, x: torch.Tensor) -> bool:
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     if torch.is_grad_enabled():
-        if x.requires_grad or any(p.requires_grad for p in model.parameters()):
+        if x.requires_grad or any(p.requires_grad for p in _backbone_parameters(model, head)):
             return False
-    problem = dispatch_problem(model)
+    problem = dispatch_problem(model, head)
     if problem is None:
         return True
     kind, reason = problem
-    if kind == "unsupported" and (type(model), reason) not in _noted:
+    if kind in ("unsupported", "head") and (type(model), reason) not in _noted:
         _noted.add((type(model), reason))
-        warnings.warn(f"bagnet_fast: running the reference modules, not the fused plan: {reason}", stacklevel=3)
+        what = ("the fused head is not used (the plan computes the features, the head module runs on them)"
+                if kind == "head" else "running the reference modules, not the fused plan")
+        warnings.warn(f"bagnet_fast: {what}: {reason}", stacklevel=3)
     return False
+
+
+def _backbone_parameters(model: nn.Module, head: bool):
+    if head or not hasattr(model, "fc"):
+        return model.parameters()
+    skip = {id(p) for p in model.fc.parameters()}
+    return (p for p in model.parameters() if id(p) not in skip)
 
 
 _verify_all = [os.environ.get("BAGNET_FAST_VERIFY_PLAN") == "1"]
@@ -406,11 +425,11 @@ class _Restore:
         _verify_all[0] = self._previous
 
 
-def fast_path_plan(model: nn.Module, x: torch.Tensor) -> Optional[InferencePlan]:
-    """The plan a forward of ``model`` on ``x`` runs, or None for the reference modules
-    (:func:`uses_inference_plan`; a structure the plan cannot fold, found when it is built,
-    also gives None, with a one-time note)."""
-    if not uses_inference_plan(model, x):
+def fast_path_plan(model: nn.Module, x: torch.Tensor, head: bool = True) -> Optional[InferencePlan]:
+    """The plan a forward of ``model`` on ``x`` runs (``head=False``: for its features only), or
+    None for the reference modules (:func:`uses_inference_plan`; a structure the plan cannot
+    fold, found when it is built, also gives None, with a one-time note)."""
+    if not uses_inference_plan(model, x, head):
         return None
     try:
         return get_plan(model)
@@ -505,6 +524,15 @@ def _blocks(model: nn.Module, first_jump: int, first_field: int) -> List[BlockUn
     return units
 
 
+def _head_unit(model: nn.Module) -> Optional[HeadUnit]:
+    """The fused head (any nn.Linear ``fc``; no bias: zeros), or None where it is another module."""
+    if head_problem(model) is not None:
+        return None
+    weight = model.fc.weight.detach()
+    bias = model.fc.bias.detach() if model.fc.bias is not None else weight.new_zeros(weight.shape[0])
+    return HeadUnit(weight, bias)
+
+
 def build_plan(model: nn.Module, backend_name: Optional[str] = None,
                dead_branch_tolerance: float = DEFAULT_TOLERANCE) -> InferencePlan:
     """Fold, merge and prepare a BagNet-architecture model for ``backend_name`` (None: the
@@ -512,8 +540,8 @@ def build_plan(model: nn.Module, backend_name: Optional[str] = None,
     branch is constant within ``dead_branch_tolerance`` (relative to the block's largest input;
     0 keeps every block; see :mod:`bagnet_fast.dead_branches`). Raises :class:`UnsupportedModel`
     for a structure the plan does not understand."""
-    check_structure(model)
-    device, dtype = model.fc.weight.device, model.fc.weight.dtype
+    check_structure(model, head=False)
+    device, dtype = model.conv2.weight.device, model.conv2.weight.dtype
     backend = _backends.select(backend_name, device, dtype)
     with torch.no_grad():
         stem_conv = _conv_unit(model.conv2, model.bn1, merged_stem_weight(model))
@@ -523,12 +551,13 @@ def build_plan(model: nn.Module, backend_name: Optional[str] = None,
         plan = InferencePlan(
             stem=stem,
             blocks=_blocks(model, stem.jump, stem.receptive_field),
-            head=HeadUnit(model.fc.weight.detach(), model.fc.bias.detach()),
+            head=_head_unit(model),
             backend=backend,
         )
         plan.dead_branches = eliminate_dead_branches(plan, model, dead_branch_tolerance)
         tensors = [t for conv in plan.convolutions() for t in (conv.weight, conv.bias)]
-        tensors += [plan.head.weight, plan.head.bias]
+        if plan.head is not None:
+            tensors += [plan.head.weight, plan.head.bias]
         plan.finite_weights = all(bool(torch.isfinite(t).all()) for t in tensors)
         plan.state = PlanState(model, (backend_name, dead_branch_tolerance), verify=_verify_all[0])
         backend.prepare(plan)

@@ -124,20 +124,6 @@ def test_float64_uses_torch_backend_exactly():
         assert rel_err(actual, model.reference_forward(x)) <= 1e-12
 
 
-def test_train_mode_is_plain_pytorch_with_gradients():
-    model = make_model("bagnet9").train()
-    x = torch.randn(2, 3, 33, 33)
-    out = model(x)
-    assert out.requires_grad
-    out.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.reference_forward(x).square().sum().backward()
-    for n, p in model.named_parameters():
-        assert torch.equal(grads[n], p.grad), n
-    assert model._inference_plan is None  # the plan was never built
-
-
 def test_eval_with_autograd_takes_reference_path():
     """Saliency: an input that requires grad must get gradients, not a plan output."""
     model = make_model("bagnet9")

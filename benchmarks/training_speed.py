@@ -1,0 +1,118 @@
+"""The training step (forward + backward + SGD step) of BagNet-33: the official model's (the
+reference modules, NCHW) against bagnet_fast's training path, and with per-stage gradient
+checkpointing; images/s and peak memory, CPU. Each configuration runs in its own process (peak
+resident memory is a per-process number): the memory reported is the peak during the steps minus
+the resident memory before the first step (model, optimizer state and the batch are counted in
+neither). Rounds alternate the configurations.
+
+    python benchmarks/training_speed.py --out benchmarks/results/<file>.json [--shapes 8x224,2x512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("official", "fast", "fast+checkpointing")
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker(config: str, batch: int, size: int, steps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import bagnet_fast
+
+    torch.manual_seed(0)
+    model = bagnet_fast.bagnet33(num_classes=10).train()
+    forward = model.reference_forward if config == "official" else model
+    if config == "official":
+        model.channels_last = False
+    if config == "fast+checkpointing":
+        model.set_grad_checkpointing(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(x), y).backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, oneDNN primitives, optimizer state
+    before = _rss_kib()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"config": config, "batch": batch, "size": size, "seconds": times,
+            "images_per_second": batch / statistics.median(times),
+            "peak_step_memory_mib": (peak - before) / 1024, "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="8x224,2x512", help="BATCHxSIZE,...")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out")
+    parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "BATCH", "SIZE", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        config, batch, size, steps = args.worker
+        print(json.dumps(worker(config, int(batch), int(size), int(steps))))
+        return 0
+    import torch
+
+    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "cpu": _cpu(), "runs": []}
+    for shape in args.shapes.split(","):
+        batch, size = (int(v) for v in shape.split("x"))
+        for _ in range(args.rounds):
+            for config in CONFIGS:
+                out = subprocess.run([sys.executable, __file__, "--worker", config, str(batch), str(size), str(args.steps)],
+                                     capture_output=True, text=True, check=True)
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                result["runs"].append(run)
+                print(f"{config:20s} b{batch} {size}px {run['images_per_second']:7.3f} img/s "
+                      f"peak {run['peak_step_memory_mib']:8.0f} MiB", flush=True)
+        summary = {c: {"images_per_second": statistics.median(r["images_per_second"] for r in result["runs"]
+                                                             if r["config"] == c and r["batch"] == batch and r["size"] == size),
+                       "peak_step_memory_mib": statistics.median(r["peak_step_memory_mib"] for r in result["runs"]
+                                                                 if r["config"] == c and r["batch"] == batch and r["size"] == size)}
+                   for c in CONFIGS}
+        for c in CONFIGS[1:]:
+            summary[c]["speed_vs_official"] = summary[c]["images_per_second"] / summary["official"]["images_per_second"]
+            summary[c]["memory_vs_official"] = summary[c]["peak_step_memory_mib"] / summary["official"]["peak_step_memory_mib"]
+        result.setdefault("summary", {})[shape] = summary
+        print(json.dumps(summary, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print("wrote", args.out)
+    return 0
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
