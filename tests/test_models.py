@@ -115,7 +115,10 @@ def test_torch_backend_matches_reference():
     assert bagnet_fast.get_plan(model).backend.name == "torch"
 
 
-def test_float64_uses_torch_backend_exactly():
+def test_float64_uses_torch_backend_exactly(monkeypatch):
+    from bagnet_fast import executors
+
+    monkeypatch.setattr(executors, "_warned", set())  # the warning is once per (device, dtype) and process
     model = make_model("bagnet9").double()
     x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
     with pytest.warns(UserWarning, match="pure-PyTorch backend"), torch.no_grad():

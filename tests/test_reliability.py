@@ -194,7 +194,7 @@ def test_freshness_check_is_a_fraction_of_a_millisecond(model):
     plan = bagnet_fast.get_plan(model)
     start = time.perf_counter()
     for _ in range(50):
-        assert plan.state.is_fresh(model, None)
+        assert bagnet_fast.plan_is_fresh(model)
     assert (time.perf_counter() - start) / 50 < 5e-3
 
 
@@ -211,8 +211,11 @@ def test_sub_module_in_training_mode_uses_batch_statistics_like_the_reference(mo
     reference.layer3.train()
     with torch.no_grad():
         assert rel_err(model(x), reference.reference_forward(x)) <= FP32_RTOL
-    # The running statistics moved exactly as the reference's did.
-    assert torch.equal(model.layer3[0].bn1.running_mean, reference.layer3[0].bn1.running_mean)
+    # The running statistics moved as the reference's did (the training path's merged stem and
+    # memory format round differently from the reference's, hence FP32_RTOL and not equality).
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(model.layer3[0].bn1, name), getattr(reference.layer3[0].bn1, name)) <= FP32_RTOL
+        assert not torch.equal(getattr(model.layer3[0].bn1, name), getattr(small_bagnet().layer3[0].bn1, name))
     with pytest.raises(ValueError, match="training mode"):
         bagnet_fast.patch_logits(model, x)
 
@@ -225,7 +228,12 @@ def test_forward_hooks_and_pre_hooks_of_sub_modules_run(model):
     with torch.no_grad():
         out = model(x)
         zeroed = model.reference_forward(torch.zeros_like(x))
-    assert len(seen) == 2 and rel_err(out, zeroed) == 0  # the pre-hook's input reached layer1
+    # The pre-hook's zeros reached layer1 (the rest of the network is the same computation, in
+    # the training path's memory format: FP32_RTOL).
+    assert len(seen) == 2 and rel_err(out, zeroed) <= FP32_RTOL
+    with torch.no_grad():
+        unhooked = small_bagnet().reference_forward(x)  # the same weights without the hooks
+    assert rel_err(out, unhooked) > 100 * FP32_RTOL  # ... and changed the output
 
 
 def test_global_hooks_are_honoured(model):
