@@ -46,6 +46,14 @@ class Settings:
     warmup: int
     compile: bool
 
+    def peers(self, dtype: str) -> Tuple[str, ...]:
+        """The CPU peers (bagnet_fast.peers) that can run here: float32 input on CPUs only."""
+        if self.device != "cpu" or dtype != "float32":
+            return ()
+        from bagnet_fast import peers
+
+        return tuple(peers.PEER_IDS[name] for name in peers.PEERS if peers.why_not(name) is None)
+
     def fast_backends(self, dtype: str) -> Tuple[str, ...]:
         """The backends that can run here for real (the Triton interpreter is a test tool)."""
         report = backends(self.device, DTYPES[dtype])
@@ -191,6 +199,7 @@ def pytest_generate_tests(metafunc):
             implementations = ["reference-nchw", "reference-channels-last"]
             implementations += [f"fast-{name}" for name in settings.fast_backends(dtype)]
             implementations += ["reference-compile"] if settings.compile else []
+            implementations += [f"peer-{name}" for name in settings.peers(dtype)]
             cases += [(dtype, impl) for impl in implementations]
         metafunc.parametrize("dtype_and_implementation", cases, ids=[f"{d}-{i}" for d, i in cases])
     if "dtype_and_backend" in metafunc.fixturenames:

@@ -2,7 +2,9 @@
 
 Implementations: the reference forward (eager, NCHW: what users of the authors' code run; and
 channels-last), the fast plan with each backend that can run here, and ``torch.compile`` of the
-reference with ``--bagnet-compile``. One benchmark group per (network, dtype, batch), so the
+reference with ``--bagnet-compile``, and on CPUs in float32 the peers that are installed
+(``peer-onnxruntime``, ``peer-openvino-fp32``, ``peer-openvino-bf16`` where the CPU has bf16
+units: bagnet_fast.peers, the reference graph exported to ONNX once per shape). One benchmark group per (network, dtype, batch), so the
 table compares implementations side by side. extra_info: img/s, TFLOP/s and GB/s from the FLOPs
 and bytes counted by bagnet_fast.flops (the reference's for reference rows, the plan's for the
 fast rows: the plan does fewer FLOPs, img/s is the comparable number).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagnet_fast import flops
+from bagnet_fast import flops, peers
 from bagnet_fast.plan import get_plan
 
 VARIANTS = ("bagnet9", "bagnet17", "bagnet33")
@@ -29,7 +31,14 @@ def test_bagnet(run_timed, make_model, images, settings, variant, dtype_and_impl
     x = images(batch, dtype)
     extra = {"network": variant, "implementation": implementation, "dtype": dtype, "batch": batch,
              "size": settings.size}
-    if implementation.startswith("fast-"):
+    if implementation.startswith("peer-"):  # ONNX Runtime / OpenVINO on the exported reference graph
+        model = make_model(variant, dtype)
+        name = next(n for n, short in peers.PEER_IDS.items() if implementation == f"peer-{short}")
+        peer = peers.peer_runner(name, model, tuple(x.shape))
+        costs = flops.reference_layer_costs(model, x.shape, x.dtype)
+        fn = peer["fn"]
+        extra.update(precision=peer["precision"], setup_seconds=peer["setup_seconds"], note=peer["note"])
+    elif implementation.startswith("fast-"):
         model = make_model(variant, dtype)
         model.backend = implementation[len("fast-"):]
         costs = flops.plan_unit_costs(get_plan(model), x.shape, x.dtype)

@@ -18,6 +18,9 @@ if ! .venv/bin/python -c "import torch, torchvision, triton" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q setuptools wheel pybind11 ninja numpy tqdm \
   pytest pytest-benchmark pillow matplotlib captum timm
+# The CPU peers of `bench --peers` and the benchmark suite (optional extra bagnet_fast[peers]):
+# installed here so that their tests run.
+.venv/bin/python -m pip install -q onnxruntime openvino onnx onnxscript
 export MAX_JOBS=${MAX_JOBS:-2}
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import bagnet_fast, bagnet_fast._C as C; print('bagnet_fast', bagnet_fast.__version__, 'extension loaded, CUDA part:', bool(C.with_cuda))"

@@ -29,7 +29,7 @@ def test_suites_run_once_at_tiny_sizes():
     result = _pytest("benchmarks", "--benchmark-disable", *TINY)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = int(re.search(r"(\d+) passed", result.stdout).group(1))
-    # 3 variants x (2 reference layouts + cpu and torch backends) [+ 2 ResNet-50 layouts]; 8 units
+    # 3 variants x (2 reference layouts + cpu and torch backends [+ installed peers]) [+ 2 ResNet-50 layouts]; 8 units
     # x 2 backends; 9 ops x 2 implementations (the op rows are skipped if the extension lacks one).
     assert passed >= 12 + 16 + 9
 

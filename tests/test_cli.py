@@ -47,7 +47,9 @@ def test_bench_smoke(tmp_path):
     assert report["rows"][2]["backend"] == "cpu"
     for row in report["rows"]:
         assert row["images_per_second"] > 0 and row["tflops_per_s"] > 0 and row["gbytes_per_s"] > 0
-        assert row["percent_of_matmul_peak"] > 0 and row["percent_of_copy_bandwidth"] > 0
+        assert 0 < row["percent_of_matmul_peak"] <= 100 and row["percent_of_copy_bandwidth"] > 0
+        if not row["implementation"].startswith("torchvision"):  # logits of size ~1; each row checked itself
+            assert row["max_abs_diff_vs_reference"] <= 1e-3
     assert report["peaks"]["matmul_flops_per_s"] > 0 and report["peaks"]["copy_bytes_per_s"] > 0
     # Counted FLOPs: the plan's (merged stem, cropped downsamples) are fewer than the reference's.
     assert report["rows"][2]["flops_per_image"] < report["rows"][0]["flops_per_image"]
