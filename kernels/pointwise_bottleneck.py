@@ -108,11 +108,29 @@ def _pointwise_bottleneck_kernel(
     t2 = tl.dot(t1.to(w2.dtype), w2, input_precision=INPUT_PRECISION)
     t2 = relu(t2 + load_bias(b2_ptr, offs_p, planes)).to(w2.dtype)
 
-    # y = relu(t2 W3ᵀ + b3 + x), one output-channel chunk at a time.
+    # y = relu(t2 W3ᵀ + b3 + x), one output-channel chunk at a time, pipelined by hand one chunk
+    # ahead: the MMA and the residual load of chunk i + 1 are issued before chunk i's epilogue,
+    # so the epilogue's loads and stores overlap the tensor cores. Written as one loop with the
+    # epilogue after the MMA, each wgmma was waited for at once (pendings = 0 in the TTGIR) and
+    # the residual load stalled after it. C is a multiple of BLOCK_N for BagNet; a ragged C
+    # masks the last chunk.
     y_rows = pix * stride_ym
-    for n0 in range(0, channels, BLOCK_N):
-        cc = n0 + offs_n
-        w3 = load_tile(w3_ptr, offs_p * stride_w3i, cc, stride_w3o, mask_p, channels)  # [P_PAD, BLOCK_N]
-        out = tl.dot(t2, w3, input_precision=INPUT_PRECISION) + load_bias(b3_ptr, cc, channels)
-        out += load_tile(x_ptr, x_rows, cc, stride_xc, mask_m, channels).to(tl.float32)
-        store_tile(y_ptr, y_rows, cc, stride_yc, mask_m, channels, relu(out))
+    cc = offs_n
+    acc = tl.dot(t2, load_tile(w3_ptr, offs_p * stride_w3i, cc, stride_w3o, mask_p, channels),
+                 input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    residual = load_tile(x_ptr, x_rows, cc, stride_xc, mask_m, channels)
+    for n0 in range(BLOCK_N, channels, BLOCK_N):
+        following = n0 + offs_n
+        w3 = load_tile(w3_ptr, offs_p * stride_w3i, following, stride_w3o, mask_p, channels)  # [P_PAD, BLOCK_N]
+        acc_following = tl.dot(t2, w3, input_precision=INPUT_PRECISION)
+        residual_following = load_tile(x_ptr, x_rows, following, stride_xc, mask_m, channels)
+        _expansion_epilogue(acc, residual, b3_ptr, y_ptr, y_rows, cc, stride_yc, mask_m, channels)
+        acc, residual, cc = acc_following, residual_following, following
+    _expansion_epilogue(acc, residual, b3_ptr, y_ptr, y_rows, cc, stride_yc, mask_m, channels)
+
+
+@triton.jit
+def _expansion_epilogue(acc, residual, b3_ptr, y_ptr, y_rows, cc, stride_yc, mask_m, channels):
+    """y[:, cc] = relu(acc + b3[cc] + residual), the last GEMM's epilogue for one output chunk."""
+    out = acc + load_bias(b3_ptr, cc, channels) + residual.to(tl.float32)
+    store_tile(y_ptr, y_rows, cc, stride_yc, mask_m, channels, relu(out))

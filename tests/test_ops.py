@@ -261,6 +261,9 @@ class TestConvBiasAct(OpTester):
         (1, 48, 40, 3, 1, 9, 10, None, True), (2, 48, 40, 3, 2, 9, 10, None, True),
         (2, 48, 40, 1, 1, 9, 10, None, True), (1, 48, 40, 1, 2, 9, 10, None, False),
         (2, 3, 64, 3, 1, 9, 10, None, True), (1, 64, 64, 3, 2, 9, 10, None, True),
+        # Reductions over the taps flattened (Cin·9 <= 64): the stem's stride 2, and 5·9 = 45
+        # lanes, two of the interpreter's 32-wide steps.
+        (1, 3, 40, 3, 2, 9, 10, None, True), (2, 5, 40, 3, 1, 9, 10, (1, 0), True),
         (1, 256, 64, 1, 1, 9, 10, None, True),
         (2, 48, 40, 3, 1, 11, 9, (0, 0), True), (1, 48, 40, 3, 2, 11, 9, (2, 3), False),
         (2, 48, 40, 1, 1, 11, 9, (2, 3), True), (1, 48, 40, 1, 2, 11, 9, (0, 0), True),

@@ -37,15 +37,20 @@ def large_interpreter_tiles(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to another value")
 @pytest.mark.parametrize("name", VARIANTS)
-def test_full_triton_path_matches_reference(name):
+def test_full_triton_path_matches_reference(name, monkeypatch):
+    from bagnet_fast.ops import triton_ops
+
     model = make_model(name, num_classes=20)
     q = model.patch_size
     fast = bagnet_fast.accelerate(model, backend="triton")
     x = torch.randn(2, 3, q + 9, q + 3)
     with torch.no_grad():
         expected = model.reference_forward(x)
+    joint = []  # each stage's first block: conv3 and downsample as one GEMM
+    fused = triton_ops.conv_downsample_bias_act
+    monkeypatch.setattr(triton_ops, "conv_downsample_bias_act", lambda *a: joint.append(1) or fused(*a))
     actual = fast(x)
-    assert bagnet_fast.get_plan(fast).backend.name == "triton"
+    assert bagnet_fast.get_plan(fast).backend.name == "triton" and len(joint) == 4
     assert rel_err(actual, expected) <= TRITON_FP32_RTOL
     fast.avg_pool = False
     patches = fast(x)

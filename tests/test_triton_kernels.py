@@ -24,6 +24,10 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from bagnet_fast.ops import reference  # noqa: E402
 from bagnet_fast.ops import triton_ops, triton_tuning  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from bagnet_fast.kernels.tiles import grouped_tile  # noqa: E402 - registered by triton_ops
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is not 1 and there is no GPU to run Triton kernels", allow_module_level=True)
@@ -84,6 +88,70 @@ def test_conv_bias_act_reads_weights_through_strides(layout, monkeypatch):
         monkeypatch.undo()
         assert not copies, "channels-last weights must not be copied"
     assert_close_rel(out, reference.conv_bias_act(x, weight, bias))
+
+
+# --------------------------------------------------------------------------- launch order
+
+
+@triton.jit
+def _launch_order(out_ptr, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[pid] = the (pixel tile, channel tile) of program pid."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_N, GROUP_M)
+    tl.store(out_ptr + 2 * tl.program_id(0), pid_m)
+    tl.store(out_ptr + 2 * tl.program_id(0) + 1, pid_n)
+
+
+def test_grouped_launch_order_covers_every_tile_once():
+    """tiles.grouped_tile maps the 1-D grid onto (pixel tile, channel tile) one to one, with a
+    ragged last group and with a group longer than the row-tile count."""
+    for n_rows, n_cols, group in ((170, 80, 2), (170, 80, 8), (16, 16, 2)):  # 11 x 5, 11 x 5, 1 x 1 tiles
+        tiles_m, tiles_n = -(-n_rows // 16), -(-n_cols // 16)
+        out = torch.full((tiles_m * tiles_n, 2), -1, dtype=torch.int32, device=DEVICE)
+        _launch_order[(tiles_m * tiles_n,)](out, n_rows, n_cols, BLOCK_M=16, BLOCK_N=16, GROUP_M=group)
+        pairs = [tuple(p) for p in out.cpu().tolist()]
+        assert sorted(pairs) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)], (n_rows, n_cols, group)
+        if group < tiles_m:  # grouped: the first programs stay within the first group's row tiles
+            assert {m for m, _ in pairs[: group * tiles_n]} == set(range(group))
+
+
+# --------------------------------------------------------------------------- conv3 + downsample
+
+
+def downsample_case(seed: int):
+    """A first block's conv3 (P = 40 -> 80) and its downsample (48 -> 80) over the stride-2,
+    cropped block input: ragged for the interpreter's 32-wide tiles."""
+    torch.manual_seed(seed)
+    t = randn_cl(2, 40, 5, 7)
+    x = randn_cl(2, 48, 11, 15)
+    xs = x[:, :, 0:9:2, 0:13:2]  # (2, 48, 5, 7): what backends.base.downsample_input gives
+    w3, b3 = conv_params(80, 40, 1)
+    wd, bd = conv_params(80, 48, 1)
+    return t, w3, b3, xs, wd, bd
+
+
+def test_conv_downsample_bias_act_is_conv3_plus_downsample():
+    t, w3, b3, xs, wd, bd = downsample_case(12)
+    out = triton_ops.conv_downsample_bias_act(t, w3, b3 + bd, xs, wd)
+    residual = reference.conv_bias_act(xs, wd, bd, relu=False)
+    assert out.is_contiguous(memory_format=CL)
+    assert_close_rel(out, reference.conv_bias_act(t, w3, b3, residual=residual))
+
+
+def test_conv_downsample_bias_act_keeps_nan():
+    t, w3, b3, xs, wd, bd = downsample_case(13)
+    xs = xs.clone()
+    xs[1, 0, 2, 3] = float("nan")
+    out = triton_ops.conv_downsample_bias_act(t, w3, b3 + bd, xs, wd)
+    expected = reference.conv_bias_act(t, w3, b3, residual=reference.conv_bias_act(xs, wd, bd, relu=False))
+    assert expected.isnan().any() and torch.equal(out.isnan(), expected.isnan())
+
+
+def test_conv_downsample_bias_act_checks_shapes():
+    t, w3, b3, xs, wd, bd = downsample_case(14)
+    with pytest.raises(RuntimeError, match="must have the pixels of x"):
+        triton_ops.conv_downsample_bias_act(t, w3, b3, xs[:, :, :4], wd)
+    with pytest.raises(RuntimeError, match="bad downsample weight shape"):
+        triton_ops.conv_downsample_bias_act(t, w3, b3, xs, wd[:, :40])
 
 
 # --------------------------------------------------------------------------- pointwise_bottleneck
@@ -153,11 +221,43 @@ def test_tiles_fit_the_channel_counts():
     assert tiles and all(t.block_m <= 64 for t in tiles)
 
 
-def test_fp32_dots_are_exact_unless_tf32_is_asked_for(monkeypatch):
+def test_fp32_dots_are_exact_unless_another_mode_is_asked_for(monkeypatch):
     monkeypatch.delenv("BAGNET_FAST_TF32", raising=False)
+    monkeypatch.delenv("BAGNET_FAST_FP32", raising=False)
     assert triton_tuning.input_precision(torch.float32) == "ieee"
+    assert triton_tuning.dtype_class(torch.float32) == "fp32"
+    monkeypatch.setenv("BAGNET_FAST_FP32", "tf32x3")
+    assert triton_tuning.input_precision(torch.float32) == "tf32x3"
+    assert triton_tuning.dtype_class(torch.float32) == "fp32_mma"  # tensor-core tiles
+    assert triton_tuning.input_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit inputs
     monkeypatch.setenv("BAGNET_FAST_TF32", "1")
     assert triton_tuning.input_precision(torch.float32) == "tf32"
+    monkeypatch.delenv("BAGNET_FAST_TF32")
+    monkeypatch.setenv("BAGNET_FAST_FP32", "tf32x2")
+    with pytest.raises(ValueError, match="BAGNET_FAST_FP32='tf32x2': expected one of ieee, tf32x3"):
+        triton_tuning.input_precision(torch.float32)
+
+
+def test_the_fp32_mode_reaches_every_gemm_and_its_tuning_key(monkeypatch):
+    """The interpreter ignores input_precision, so what can be checked here is that the mode is
+    what every GEMM launch compiles with and tunes for (its numerics: the GPU check)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_compile_count
+
+    plan = gpu_compile_count.meta_plan("bagnet17", torch.float32)
+    monkeypatch.setenv("BAGNET_FAST_FP32", "tf32x3")
+    launches = gpu_compile_count.forward_launches(plan, 2)
+    gemms = [launch for launch in launches if launch.kernel != "_spatial_mean_kernel"]
+    assert gemms and all(dict(launch.constexprs)["INPUT_PRECISION"] == "tf32x3" for launch in gemms)
+    assert all("tf32x3" in launch.tuning_key for launch in gemms if launch.tuning_key)
+    # Fitting changes BLOCK_N/BLOCK_K only: the rows, warps and stages name the table used.
+    used = {(t.block_m, t.num_warps, t.num_stages) for launch in gemms for t in launch.tiles}
+    table = {(t.block_m, t.num_warps, t.num_stages)
+             for tiles in (triton_tuning.CONV_TILES, triton_tuning.POINTWISE_TILES) for t in tiles["fp32_mma"]}
+    assert used <= table, used - table
 
 
 # --------------------------------------------------------------------------- registration

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import BackendInfo, register_backend
-from .base import Backend
+from .base import Backend, downsample_input
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -49,6 +49,9 @@ def _interpreter_problem() -> Optional[str]:
     return None
 
 
+_JOINT_BIAS = "triton_bias_with_downsample"  # ConvUnit.prepared key of conv3: its bias + the downsample's
+
+
 class TritonBackend(Backend):
     """The units as Triton ops; each op makes its tensors' CUDA device current itself."""
 
@@ -59,8 +62,24 @@ class TritonBackend(Backend):
 
         self._ops = triton_ops
 
+    def prepare(self, plan) -> None:
+        # A first block's conv3 and downsample run as one GEMM (conv_downsample_bias_act), which
+        # takes their biases summed: once per plan, in fp32 (the kernel adds biases in fp32).
+        for unit in plan.blocks:
+            if unit.downsample is not None:
+                unit.conv3.prepared[_JOINT_BIAS] = unit.conv3.bias.float() + unit.downsample.bias.float()
+
     def conv_bias_act(self, conv, x, relu=True, residual=None):
         return self._ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, relu=relu, residual=residual)
+
+    def bottleneck(self, unit, x):
+        if unit.downsample is None:
+            return super().bottleneck(unit, x)
+        t = self.conv_bias_act(unit.conv1, x)
+        t = self.conv_bias_act(unit.conv2, t)
+        xs = downsample_input(x, unit.downsample_stride, *t.shape[-2:])
+        return self._ops.conv_downsample_bias_act(t, unit.conv3.weight, unit.conv3.prepared[_JOINT_BIAS], xs,
+                                                  unit.downsample.weight)
 
     def pointwise_bottleneck(self, unit, x):
         c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3

@@ -36,8 +36,8 @@ from . import reference as ref
 from . import triton_tuning as _tuning
 from .triton_tuning import Tile, autotuned_configs, force_tile  # noqa: F401 - re-exported for tests and reports
 
-__all__ = ["conv_bias_act", "pointwise_bottleneck", "pointwise_bottleneck_mean", "spatial_mean_linear",
-           "patch_logits"]
+__all__ = ["conv_bias_act", "conv_downsample_bias_act", "pointwise_bottleneck", "pointwise_bottleneck_mean",
+           "spatial_mean_linear", "patch_logits"]
 
 _KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 _KERNEL_PACKAGE = "bagnet_fast.kernels"
@@ -119,9 +119,12 @@ def _conv_bias_act(
     relu: bool,
     residual: Optional[torch.Tensor],
     mean_output: bool = False,
+    downsample: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The conv launcher; with ``mean_output`` it returns the (N, Cout) fp32 spatial mean of the
-    result instead of the map (which is never written)."""
+    result instead of the map (which is never written); ``downsample`` = (d, Wd): a second 1x1
+    GEMM d · Wdᵀ over d (N, Cd, Ho, Wo) added before the activation (``bias`` then holds both
+    biases)."""
     n, c_in, height, width = x.shape
     c_out, _, k, _ = weight.shape
     h_out = (height - k) // stride + 1
@@ -140,25 +143,34 @@ def _conv_bias_act(
     if k > 1 and w.stride(1) != 1:
         w = w.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else x  # dummy pointer, never read
+    if downsample is not None:
+        d, wd = downsample[0], downsample[1].to(x.dtype).flatten(1)  # (N, Cd, Ho, Wo), (Cout, Cd)
+    else:
+        d, wd = x, w.flatten(1)  # dummies, never read
+    c_down = d.shape[1] if downsample is not None else 0
     n_pixels = n * h_out * w_out
-    tiles = _tuning.candidates("conv", _tuning.CONV_TILES, x.dtype, c_out, c_in, n_pixels)
+    flat = _tuning.flat_taps(c_in, k)
+    tiles = _tuning.candidates("conv", _tuning.CONV_TILES, x.dtype, c_out, c_in * k * k if flat else c_in, n_pixels)
     _launch(
         _conv_kernels._conv_bias_act_kernel,
         tiles,
-        ("m_bucket", "c_in", "c_out", "KSIZE", "STRIDE", "HAS_RESIDUAL", "MEAN_OUTPUT"),
-        lambda meta: (triton.cdiv(n_pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])),
-        x, w, bias.contiguous(), r, y,
-        n_pixels, c_in, c_out, h_out, w_out,
-        *x.stride(), *w.stride(), *r.stride(), *y_strides,
+        ("m_bucket", "c_in", "c_out", "c_down", "KSIZE", "STRIDE", "HAS_RESIDUAL", "MEAN_OUTPUT", "INPUT_PRECISION"),
+        lambda meta: (triton.cdiv(n_pixels, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),),
+        x, w, bias.contiguous(), r, d, wd, y,
+        n_pixels, c_in, c_out, c_down, h_out, w_out,
+        *x.stride(), *w.stride(), *r.stride(), *d.stride(), *wd.stride(), *y_strides,
         _tuning.pixel_class(n_pixels),
         1.0 / (h_out * w_out),
         reset=("y_ptr",) if mean_output else (),
         KSIZE=k,
         STRIDE=stride,
+        FLAT_TAPS=flat,
         HAS_RESIDUAL=residual is not None,
+        HAS_DOWNSAMPLE=downsample is not None,
         APPLY_RELU=relu,
         MEAN_OUTPUT=mean_output,
         INPUT_PRECISION=_tuning.input_precision(x.dtype),
+        GROUP_M=_tuning.group_m(),
     )
     return y
 
@@ -196,6 +208,33 @@ def _triton_conv_bias_act(
             lambda: f"residual {tuple(residual.shape)} cannot be cropped to {(n, c_out, h_out, w_out)}",
         )
     return _conv_bias_act(x, weight, bias, stride, relu, residual)
+
+
+@torch.library.triton_op("bagnet_fast::triton_conv_downsample_bias_act", mutates_args=())
+@_guarded
+def _triton_conv_downsample_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    d: torch.Tensor,
+    weight_d: torch.Tensor,
+) -> torch.Tensor:
+    """relu(conv1x1(x, weight) + conv1x1(d, weight_d) + bias): a first block's conv3 and its
+    downsample as one GEMM over the concatenated reduction [W | Wd]·[x ; d], so the downsample's
+    output (the residual) never goes to memory. ``bias`` is the sum of both convolutions' biases.
+
+    x: (N, P, Ho, Wo) channels-last; d: (N, Cd, Ho, Wo), any strides (the subsampled, cropped
+    block input); weight: (Cout, P, 1, 1); weight_d: (Cout, Cd, 1, 1). Returns (N, Cout, Ho, Wo)
+    channels-last. Exact in real arithmetic; in floating point one rounding fewer than the
+    two-GEMM form (the residual is not rounded to the activations' dtype first)."""
+    torch._check(x.dim() == 4 and d.dim() == 4, lambda: "x and d must be 4-D (N, C, H, W)")
+    c_out = weight.shape[0]
+    torch._check(tuple(weight.shape) == (c_out, x.shape[1], 1, 1), lambda: f"bad weight shape {tuple(weight.shape)}")
+    torch._check(tuple(weight_d.shape) == (c_out, d.shape[1], 1, 1),
+                 lambda: f"bad downsample weight shape {tuple(weight_d.shape)} for d {tuple(d.shape)}")
+    torch._check(d.shape[0] == x.shape[0] and d.shape[2:] == x.shape[2:],
+                 lambda: f"d {tuple(d.shape)} must have the pixels of x {tuple(x.shape)}")
+    return _conv_bias_act(x, weight, bias, 1, True, None, downsample=(d, weight_d))
 
 
 # --------------------------------------------------------------------------- pointwise_bottleneck
@@ -281,7 +320,7 @@ def _pointwise_bottleneck_fused(x, w1, b1, w2, b2, w3, b3, channels: int, p_pad:
     _launch(
         _bottleneck_kernels._pointwise_bottleneck_kernel,
         tiles,
-        ("m_bucket", "channels", "planes"),
+        ("m_bucket", "channels", "planes", "INPUT_PRECISION"),
         lambda meta: (triton.cdiv(n_pixels, meta["BLOCK_M"]),),
         x_rows, w1, b1.contiguous(), w2, b2.contiguous(), w3, b3.contiguous(), y_rows,
         n_pixels, channels, planes,
@@ -368,6 +407,7 @@ def _triton_patch_logits(
 # The registered ops take the reference's arguments (positional or by name), so they serve as the
 # public functions directly; patch_logits converts its class sequence to the schema's int list.
 conv_bias_act = torch.ops.bagnet_fast.triton_conv_bias_act
+conv_downsample_bias_act = torch.ops.bagnet_fast.triton_conv_downsample_bias_act
 pointwise_bottleneck = torch.ops.bagnet_fast.triton_pointwise_bottleneck
 pointwise_bottleneck_mean = torch.ops.bagnet_fast.triton_pointwise_bottleneck_mean
 spatial_mean_linear = torch.ops.bagnet_fast.triton_spatial_mean_linear

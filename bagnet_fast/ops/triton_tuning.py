@@ -12,8 +12,13 @@ memory for the process. Nothing is tuned at import. Candidates that do not fit t
 (OutOfResources) are skipped by triton's autotuner. Knobs, read at every call:
 
 - ``BAGNET_FAST_AUTOTUNE=0``: no benchmarking, the first fitting tile (tests, CUDA-graph capture).
-- ``BAGNET_FAST_TF32=1``: fp32 dots in tf32 (opt-in; ~1e-3 relative error instead of the 1e-5
-  fp32 parity bound, and the fast tensor-core path on GPUs). Default "ieee": exact fp32 products.
+- ``BAGNET_FAST_FP32``: how fp32 dots run on GPUs. ``ieee`` (default): exact fp32 products on the
+  FMA units. ``tf32x3``: on the tensor cores as three TF32 products (a = a_hi + a_lo, both TF32;
+  a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi), error close to fp32's (~1e-6 relative against
+  float64 where ieee gives ~1e-7 and plain TF32 ~1e-3), the fast accurate way to run fp32
+  weights such as the official ones, which lose 2.5 top-1 points under TF32 (docs/gpu.md).
+- ``BAGNET_FAST_TF32=1``: fp32 dots in plain tf32 (opt-in; ~1e-3 relative error, outside the
+  1e-5 fp32 parity bound; takes precedence over BAGNET_FAST_FP32).
 - Under ``TRITON_INTERPRET=1`` every op runs one small tile (``INTERPRETER_TILE``), no tuning.
 """
 
@@ -43,22 +48,38 @@ class Tile:
     num_stages: int = 3
 
 
-# bf16/fp16: tensor-core tiles (M = 64 per wgmma warpgroup on Hopper), 3-4 pipeline stages of
-# (BLOCK_M + BLOCK_N)·BLOCK_K·2 B = 16 KB each at 128×128×32, well inside 227 KB of shared memory.
-# The BLOCK_M = 32 tile serves the small pixel counts of batch 1 (more programs than SMs).
-# fp32 ("ieee" products run on the FMA units, not tensor cores) gets fewer, smaller tiles: its
-# operands take twice the shared memory and tuning time is better spent on bf16. Compiled ahead of
-# time for sm_90a (benchmarks/gpu_compile_check.py, triton 3.8, ptxas -v): bf16 80-184 registers
-# and 24-48 KB of shared memory per program, fp32 128-150 registers and 16-24 KB; no spills.
+# bf16/fp16: tensor-core tiles (M = 64 per wgmma warpgroup on Hopper) with 64-wide reduction
+# steps: a BLOCK_K = 32 step feeds each wgmma only 2 k-slices of 16 and the loop's overhead and
+# barriers per FLOP double. 128×128×64 with 4 stages of (128 + 128)·64·2 B = 32 KB is the usual
+# Hopper choice (128 KB of the 227 KB of shared memory); 128×256×64 spills in the residual
+# epilogue (312 B under triton 3.6, GPU_REVIEW.md). The 32-row tile serves batch 1's small pixel
+# counts (more programs than SMs); prune() picks per pixel count. First = the BAGNET_FAST_AUTOTUNE=0
+# tile. fp32 ("ieee" products run on the FMA units, not tensor cores) gets fewer, smaller tiles:
+# its operands take twice the shared memory and tuning time is better spent on bf16. Registers,
+# spills and shared memory per tile under triton 3.6 and 3.8 for sm_90a: docs/gpu.md
+# (benchmarks/gpu_compile_check.py).
 CONV_TILES: Dict[str, Tuple[Tile, ...]] = {
     "16bit": (
-        Tile(128, 128, 32, 8, 3),
-        Tile(128, 64, 32, 4, 4),
-        Tile(64, 128, 32, 4, 4),
+        Tile(128, 128, 64, 8, 4),
+        Tile(128, 64, 64, 4, 4),
+        Tile(64, 128, 64, 4, 4),
         Tile(64, 64, 64, 4, 3),
         Tile(32, 64, 64, 4, 3),
     ),
-    "fp32": (Tile(64, 64, 32, 4, 2), Tile(128, 64, 32, 8, 2)),
+    # The ieee dot holds both operands in registers; these three spill in no variant the plan
+    # launches (64×64×32 with 4 warps spilled 4/8 B in the flattened stem, 128×64 with 8 warps
+    # 12/16 B with a residual).
+    "fp32": (Tile(64, 128, 32, 8, 2), Tile(32, 128, 32, 4, 2), Tile(32, 64, 32, 4, 2)),
+    # tf32x3: fp32 operands (4 B) in shared memory, so 32-wide reduction steps (128×64×32 with 3
+    # stages: (128 + 64)·32·4 B · 3 = 72 KB); the hi/lo split of each operand happens in
+    # registers, which is what limits the tiles: 128×128 with 8 warps spilled 244 B in the fused
+    # mean's epilogue, 128×64 with 4 warps 108-352 B; these four spill nowhere.
+    "fp32_mma": (
+        Tile(128, 64, 32, 8, 3),
+        Tile(64, 128, 32, 8, 3),
+        Tile(64, 64, 32, 4, 3),
+        Tile(32, 64, 32, 4, 2),
+    ),
 }
 # The fused bottleneck holds two [BLOCK_M, P_PAD] fp32 intermediates; BLOCK_M·P_PAD <= 8192
 # (32 KB each) keeps them in registers (see kernels/pointwise_bottleneck.py for the budget).
@@ -70,15 +91,28 @@ POINTWISE_TILES: Dict[str, Tuple[Tile, ...]] = {
         Tile(32, 64, 32, 4, 2),
     ),
     "fp32": (Tile(32, 32, 32, 8, 2), Tile(64, 32, 32, 8, 2)),
+    # tf32x3 at P = 64 (triton 3.8, sm_90a): 64×64 spilled 36 B with 4 warps and 32/16 B with 8
+    # (255 registers: the hi/lo halves of t1 and t2); 64×32 needs 194 registers, 32×64 242.
+    "fp32_mma": (Tile(64, 32, 32, 4, 2), Tile(32, 64, 32, 4, 2)),
 }
 POINTWISE_MAX_INTERMEDIATE = 8192  # BLOCK_M · P_PAD elements of one fp32 intermediate
 # Widest bottleneck (P) run by the fused kernel, per dtype class; wider blocks (BagNet stages 3-4,
 # and stage 2 in fp32) run as three 1×1 conv_bias_act GEMMs. Why: kernels/pointwise_bottleneck.py
 # (fp32's "ieee" FMA dot holds its operands in registers: at P = 128 ptxas spilled 2-18 KB per
-# thread with every tile tried). Tests lower it to reach the split path with small shapes.
-FUSED_MAX_PLANES: Dict[str, int] = {"16bit": 128, "fp32": 64}
+# thread with every tile tried; tf32x3's hi/lo operands 448-608 B). Tests lower it to reach the
+# split path with small shapes.
+FUSED_MAX_PLANES: Dict[str, int] = {"16bit": 128, "fp32": 64, "fp32_mma": 64}
 # Ragged with respect to the interpreter tests' shapes (channel counts 40, 48, 80; 37 and 56 pixels).
 INTERPRETER_TILE = Tile(32, 32, 32, 4, 1)
+# Pixel tiles per group of the conv kernel's launch order (kernels/tiles.py: grouped_tile). 8 as in
+# triton's matmul tutorial: 8 row tiles × all column tiles of a BagNet GEMM (2-16 of 128) is
+# 16-128 programs, about the 132 SMs' worth resident at once. 2 in the interpreter, whose tests
+# have 2-6 row tiles: several groups and a ragged last one.
+GROUP_M = 8
+INTERPRETER_GROUP_M = 2
+# A k×k conv whose whole reduction Cin·k·k is at most this many lanes reduces over (kh, kw, ci)
+# flattened (the stem: 3·3·3 = 27 lanes in one 32-wide step instead of 9 steps of 16 with 3 used).
+FLAT_TAPS_MAX = 64
 
 _forced_tiles: Dict[str, Tile] = {}
 
@@ -98,6 +132,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def group_m() -> int:
+    return INTERPRETER_GROUP_M if interpreting() else GROUP_M
+
+
+def flat_taps(c_in: int, k: int) -> bool:
+    """Whether a k×k conv over c_in channels reduces over its taps flattened (FLAT_TAPS_MAX)."""
+    return k > 1 and c_in * k * k <= FLAT_TAPS_MAX
+
+
 def check_dot_tile(**tiles: int) -> None:
     """tl.dot needs power-of-two tile dimensions >= 16 on GPUs; the interpreter does not check."""
     for name, size in tiles.items():
@@ -108,17 +151,33 @@ def pow2_clamp(n: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
 
 
+FP32_MODES = ("ieee", "tf32x3")
+
+
+def fp32_mode() -> str:
+    """The tl.dot input_precision of fp32 GEMMs: BAGNET_FAST_TF32=1 gives "tf32", else
+    BAGNET_FAST_FP32 ("ieee" by default, or "tf32x3"). fp32 tl.dot defaults to tf32 on GPUs
+    (10-bit mantissa, ~1e-3 relative): far outside the 1e-5 fp32 parity budget, so it is asked
+    for only explicitly. The interpreter ignores the setting (its dots are numpy fp32)."""
+    if os.environ.get("BAGNET_FAST_TF32") == "1":
+        return "tf32"
+    mode = os.environ.get("BAGNET_FAST_FP32", "ieee")
+    if mode not in FP32_MODES:
+        raise ValueError(f"BAGNET_FAST_FP32={mode!r}: expected one of {', '.join(FP32_MODES)}")
+    return mode
+
+
 def dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+    """The tile table of a dtype: "16bit", "fp32" (ieee products on the FMA units) or "fp32_mma"
+    (tf32x3/tf32 on the tensor cores: fp32 operands in shared memory, wgmma tiles)."""
+    if dtype != torch.float32:
+        return "16bit"
+    return "fp32" if fp32_mode() == "ieee" else "fp32_mma"
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    # fp32 tl.dot defaults to tf32 on GPUs (10-bit mantissa, ~1e-3 relative): far outside the 1e-5
-    # fp32 parity budget, so fp32 asks for exact products unless tf32 is opted into.
-    # Ignored for bf16/fp16 inputs.
-    if dtype == torch.float32 and os.environ.get("BAGNET_FAST_TF32") != "1":
-        return "ieee"
-    return "tf32"
+    """tl.dot's input_precision for ``dtype`` (ignored for bf16/fp16 inputs)."""
+    return fp32_mode() if dtype == torch.float32 else "tf32"
 
 
 def pixel_class(n_pixels: int) -> int:
