@@ -9,6 +9,7 @@ from . import certify
 from .accelerate import accelerate, bagnet_from_state_dict
 from .dead_branches import dead_branches
 from .executors import backends
+from .executors.cpu_memory import keep_freed_memory as keep_freed_cpu_memory
 from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
 from .models import PATCH_SIZES, BagNet, Bottleneck, bagnet9, bagnet17, bagnet33
@@ -37,6 +38,7 @@ __all__ = [
     "dense_heatmap",
     "get_plan",
     "heatmap_padding",
+    "keep_freed_cpu_memory",
     "mask_patches",
     "masking_experiment",
     "patch_features",

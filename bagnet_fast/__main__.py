@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -56,6 +57,11 @@ def _info(args) -> int:
     print(f"bagnet_fast {bagnet_fast.__version__}, torch {torch.__version__}")
     print(f"extension: {'loaded' if _extension.loaded() else 'missing: ' + str(_extension.load_error())}"
           f"{', with CUDA' if _extension.with_cuda() else ''}")
+    from bagnet_fast.executors import cpu_memory
+
+    setting = "system" if os.environ.get(cpu_memory.ENV) == "system" else "keep"
+    print(f"cpu allocator: {setting} (large freed blocks {'returned to the system' if setting == 'system' else 'kept for reuse'}"
+          f" once the cpu backend runs; {cpu_memory.ENV}=system|keep)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for name, entry in bagnet_fast.backends(device).items():

@@ -11,7 +11,7 @@ import torch
 
 from .. import _extension
 from ..ops import has_op
-from . import BackendInfo, register_backend
+from . import BackendInfo, cpu_memory, register_backend
 from .base import Backend
 
 
@@ -41,6 +41,11 @@ class CpuBackend(Backend):
 
     def __init__(self) -> None:
         self._mkldnn = torch.ops.mkldnn
+
+    def prepare(self, plan) -> None:
+        # Large activations reused instead of page-faulted at every forward (cpu_memory: 1.08x at
+        # BagNet-33 batch 8, measured); once per process, BAGNET_FAST_CPU_MALLOC=system opts out.
+        cpu_memory.keep_freed_memory()
 
     def propagates_nan(self, device: torch.device) -> bool:
         # oneDNN's ReLU post-op (the zero-slope variant is a max with 0) maps NaN to 0, and it

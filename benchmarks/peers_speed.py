@@ -1,0 +1,158 @@
+"""bagnet_fast against what a CPU user would run instead: ONNX Runtime and OpenVINO on the
+exported reference graph (bagnet_fast.peers), BagNet-9/17/33, same input, alternating call by call
+over several rounds (the 2-core machine is noisy: a slow stretch hits every implementation
+alike), the median per implementation. Random weights with non-trivial BatchNorm statistics
+(tests/conftest.py: randomize_batchnorm), so no block is dead.
+
+The reference and each peer run in a worker process of their own, driven call by call from the
+main process, which runs bagnet_fast: each implementation runs as a user would run it alone. One
+process for all would not: bagnet_fast's cpu backend sets the process's allocator
+(bagnet_fast/executors/cpu_memory.py), which sped up the reference and slowed OpenVINO in the
+same process (results/2026-12-02-s5-cpu-avx2-2core-peers/peers-224-one-process-*.json: OpenVINO
+BagNet-33 batch 8 5.92 img/s beside bagnet_fast with glibc's defaults, 4.53 beside it with the
+setting). A pause of PAUSE_S between calls lets the previous implementation's threads stop
+spinning: OpenVINO's idle workers spin for several hundred ms and, with 0.05 s or 0.3 s pauses,
+bagnet_fast ran at a third to a half of its speed in the call after an OpenVINO call.
+
+    python benchmarks/peers_speed.py --models bagnet9,bagnet17,bagnet33 --batches 1,2,8 \\
+        --out benchmarks/results/<file>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bagnet_fast  # noqa: E402
+from bagnet_fast import peers, timing  # noqa: E402
+from conftest import randomize_batchnorm  # noqa: E402
+
+
+PAUSE_S = 1.0  # between calls: OpenVINO's (TBB) and OpenMP workers spin for a while after their work
+
+
+def make_case(name: str, batch: int, size: int):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(getattr(bagnet_fast, name)(), 0).eval()
+    return model, torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_path: str, threads: int) -> None:
+    """Builds ``implementation`` (the reference or a peer), answers each "run" with the seconds
+    of one call, "stop" ends it. The first message: (logits, precision/setup notes)."""
+    torch.set_num_threads(threads)
+    model, x = make_case(name, batch, size)
+    notes = {}
+    if implementation == "reference eager NCHW":
+        fn = model.reference_forward
+    else:
+        peer = peers.peer_runner(implementation, model, tuple(x.shape), threads, onnx_path)
+        fn = peer["fn"]
+        notes = {key: peer[key] for key in ("precision", "setup_seconds", "note")}
+    with torch.inference_mode():
+        conn.send((fn(x).numpy(), notes))
+        fn(x)  # warm-up
+        while conn.recv() == "run":
+            start = time.perf_counter()
+            fn(x)
+            conn.send(time.perf_counter() - start)
+
+
+def measure_case(name, batch, size, rounds, folder):
+    model, x = make_case(name, batch, size)
+    threads = torch.get_num_threads()
+    onnx_path = str(Path(folder) / f"{name}-{batch}x{size}.onnx")
+    peers.export_onnx(model, tuple(x.shape), onnx_path)  # once, before any plan (no allocator setting yet)
+    context = multiprocessing.get_context("spawn")
+    others = ["reference eager NCHW"]
+    for peer in peers.PEERS:
+        problem = peers.why_not(peer)
+        if problem:
+            print(f"  {peer}: not run: {problem}", flush=True)
+        else:
+            others.append(peer)
+    workers, outputs, notes = {}, {}, {}
+    for implementation in others:
+        ours, theirs = context.Pipe()
+        process = context.Process(target=worker, args=(theirs, implementation, name, batch, size, onnx_path, threads))
+        process.start()
+        workers[implementation] = (ours, process)
+    for implementation, (conn, _) in workers.items():
+        outputs[implementation], notes[implementation] = conn.recv()
+
+    def run_fast():
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+    times = {implementation: [] for implementation in ["bagnet_fast", *others]}
+    with torch.inference_mode():
+        outputs["bagnet_fast"] = model(x).numpy()
+        model(x)  # warm-up
+        for _ in range(rounds):
+            for implementation in times:
+                time.sleep(PAUSE_S)
+                if implementation == "bagnet_fast":
+                    times[implementation].append(run_fast())
+                else:
+                    conn = workers[implementation][0]
+                    conn.send("run")
+                    times[implementation].append(conn.recv())
+    for conn, process in workers.values():
+        conn.send("stop")
+        process.join()
+    expected = torch.from_numpy(outputs["reference eager NCHW"])
+    rows = {impl: {"seconds": t, "images_per_second": batch / statistics.median(t),
+                   "max_abs_diff_vs_reference": (torch.from_numpy(outputs[impl]) - expected).abs().max().item(),
+                   **notes.get(impl, {})} for impl, t in times.items()}
+    fast = rows["bagnet_fast"]["images_per_second"]
+    ratios = {f"fast / {impl}": fast / row["images_per_second"] for impl, row in rows.items() if impl != "bagnet_fast"}
+    return {"model": name, "batch": batch, "size": size, "rows": rows, "ratios": ratios}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bagnet9,bagnet17,bagnet33")
+    parser.add_argument("--batches", default="1,2,8")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"{out} exists: choose another --out (results are never overwritten)")
+    result = {"cpu": timing.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "versions": peers.versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+              "cases": []}
+    folder = str(out.parent / (out.stem + "-onnx-tmp"))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        for name in args.models.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                case = measure_case(name, batch, args.size, args.rounds, folder)
+                result["cases"].append(case)
+                rates = ", ".join(f"{impl} {row['images_per_second']:.2f}" for impl, row in case["rows"].items())
+                ratios = ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items())
+                print(f"{name} b{batch}: {rates} img/s | {ratios}", flush=True)
+                out.write_text(json.dumps(result, indent=1))  # after every case: nothing lost on a crash
+    finally:
+        for path in Path(folder).glob("*.onnx"):
+            path.unlink()
+        Path(folder).rmdir()
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
