@@ -14,6 +14,7 @@ calibrated, because one call already takes milliseconds to seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -150,14 +151,16 @@ def _nvidia_driver() -> Optional[str]:
 
 @pytest.fixture
 def run_timed(benchmark, settings):
-    """``run_timed(fn, args, images=, flops=, bytes=, group=, setup=)``: time ``fn(*args)`` (or
-    ``fn(*setup())``, setup untimed: fresh inputs for in-place ops) and record img/s, TFLOP/s and
-    GB/s from the counted FLOPs and bytes in extra_info."""
+    """``run_timed(fn, args, images=, flops=, bytes=, group=, setup=, autograd=)``: time ``fn(*args)``
+    (or ``fn(*setup())``, setup untimed: fresh inputs for in-place ops) and record img/s, TFLOP/s
+    and GB/s from the counted FLOPs and bytes in extra_info. Under torch.inference_mode unless
+    ``autograd`` (training steps)."""
     device = torch.device(settings.device)
     delay = float(os.environ.get(INJECT_DELAY_ENV, "0"))
 
     def run(fn: Callable, args: Sequence = (), *, images: int, flops: int, bytes: int, group: str,
-            setup: Optional[Callable[[], Sequence]] = None, extra: Optional[Dict] = None):
+            setup: Optional[Callable[[], Sequence]] = None, extra: Optional[Dict] = None,
+            autograd: bool = False):
         def timed(*call_args):
             out = fn(*call_args)
             _timing.sync(device)  # inside the timed function: the device's work is part of the round
@@ -167,7 +170,7 @@ def run_timed(benchmark, settings):
 
         make_args = setup or (lambda: args)
         benchmark.group = group
-        with torch.inference_mode():
+        with contextlib.nullcontext() if autograd else torch.inference_mode():
             if not benchmark.disabled:
                 for _ in range(settings.warmup):
                     fn(*make_args())

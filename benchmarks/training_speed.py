@@ -1,9 +1,15 @@
 """The training step (forward + backward + SGD step) of BagNet-33: the official model's (the
-reference modules, NCHW) against bagnet_fast's training path, and with per-stage gradient
-checkpointing; images/s and peak memory, CPU. Each configuration runs in its own process (peak
-resident memory is a per-process number): the memory reported is the peak during the steps minus
-the resident memory before the first step (model, optimizer state and the batch are counted in
-neither). Rounds alternate the configurations.
+reference modules, NCHW) against bagnet_fast's training path (channels-last, the default, and
+NCHW), and with per-stage gradient checkpointing; images/s and memory, CPU. Each configuration
+runs in its own process, rounds alternate the configurations. Two memory numbers:
+
+- ``saved_for_backward_mib``: the bytes of the tensors autograd keeps for backward (one step,
+  counted through torch.autograd.graph.saved_tensors_hooks, each storage once): the activation
+  memory a training step holds at its peak, what the rewrites and checkpointing change.
+- ``peak_step_memory_mib``: the process's peak resident memory minus its resident memory before
+  the first step (model and batch are not counted; the optimizer's momentum, 64 MiB, is). A peak
+  resident size includes what the allocator holds besides live tensors, so it is the coarser
+  number.
 
     python benchmarks/training_speed.py --out benchmarks/results/<file>.json [--shapes 8x224,2x512]
 """
@@ -20,7 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("official", "fast", "fast+checkpointing")
+# "+kept allocator": freed large blocks kept for reuse in that process (what the cpu backend's
+# inference plan sets, bagnet_fast/executors/cpu_memory.py), to see what the allocator alone does.
+CONFIGS = ("official", "fast", "fast NCHW", "fast+checkpointing", "official+kept allocator", "fast+kept allocator")
 
 
 def _rss_kib() -> int:
@@ -36,10 +44,14 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import bagnet_fast
 
+    if config.endswith("+kept allocator"):
+        from bagnet_fast.executors import cpu_memory
+
+        cpu_memory.keep_freed_memory()
     torch.manual_seed(0)
     model = bagnet_fast.bagnet33(num_classes=10).train()
-    forward = model.reference_forward if config == "official" else model
-    if config == "official":
+    forward = model.reference_forward if config.startswith("official") else model
+    if config.startswith("official") or config == "fast NCHW":
         model.channels_last = False
     if config == "fast+checkpointing":
         model.set_grad_checkpointing(True)
@@ -52,17 +64,27 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
         torch.nn.functional.cross_entropy(forward(x), y).backward()
         optimizer.step()
 
-    step()  # warm-up: allocator, oneDNN primitives, optimizer state
     before = _rss_kib()
+    step()  # warm-up: allocator, oneDNN primitives, optimizer state
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
     return {"config": config, "batch": batch, "size": size, "seconds": times,
             "images_per_second": batch / statistics.median(times),
-            "peak_step_memory_mib": (peak - before) / 1024, "threads": torch.get_num_threads()}
+            "peak_step_memory_mib": (peak - before) / 1024, "saved_for_backward_mib": sum(saved.values()) / 2**20,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -90,15 +112,17 @@ def main() -> int:
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 result["runs"].append(run)
                 print(f"{config:20s} b{batch} {size}px {run['images_per_second']:7.3f} img/s "
-                      f"peak {run['peak_step_memory_mib']:8.0f} MiB", flush=True)
-        summary = {c: {"images_per_second": statistics.median(r["images_per_second"] for r in result["runs"]
-                                                             if r["config"] == c and r["batch"] == batch and r["size"] == size),
-                       "peak_step_memory_mib": statistics.median(r["peak_step_memory_mib"] for r in result["runs"]
-                                                                 if r["config"] == c and r["batch"] == batch and r["size"] == size)}
-                   for c in CONFIGS}
+                      f"peak {run['peak_step_memory_mib']:8.0f} MiB, saved for backward "
+                      f"{run['saved_for_backward_mib']:8.0f} MiB", flush=True)
+        keys = ("images_per_second", "peak_step_memory_mib", "saved_for_backward_mib")
+        summary = {c: {key: statistics.median(r[key] for r in result["runs"]
+                                              if r["config"] == c and r["batch"] == batch and r["size"] == size)
+                       for key in keys} for c in CONFIGS}
+        official = summary["official"]
         for c in CONFIGS[1:]:
-            summary[c]["speed_vs_official"] = summary[c]["images_per_second"] / summary["official"]["images_per_second"]
-            summary[c]["memory_vs_official"] = summary[c]["peak_step_memory_mib"] / summary["official"]["peak_step_memory_mib"]
+            summary[c]["speed_vs_official"] = summary[c]["images_per_second"] / official["images_per_second"]
+            summary[c]["memory_vs_official"] = summary[c]["peak_step_memory_mib"] / official["peak_step_memory_mib"]
+            summary[c]["saved_vs_official"] = summary[c]["saved_for_backward_mib"] / official["saved_for_backward_mib"]
         result.setdefault("summary", {})[shape] = summary
         print(json.dumps(summary, indent=1), flush=True)
     if args.out:

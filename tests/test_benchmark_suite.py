@@ -30,8 +30,9 @@ def test_suites_run_once_at_tiny_sizes():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = int(re.search(r"(\d+) passed", result.stdout).group(1))
     # 3 variants x (2 reference layouts + cpu and torch backends [+ installed peers]) [+ 2 ResNet-50 layouts]; 8 units
-    # x 2 backends; 9 ops x 2 implementations (the op rows are skipped if the extension lacks one).
-    assert passed >= 12 + 16 + 9
+    # x 2 backends; 9 ops x 2 implementations (the op rows are skipped if the extension lacks one);
+    # 3 training-step configurations.
+    assert passed >= 12 + 16 + 9 + 3
 
 
 def test_regression_gate_catches_a_slowdown(tmp_path):

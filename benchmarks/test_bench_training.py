@@ -1,0 +1,45 @@
+"""The training step of BagNet-33 (forward + backward + SGD step, float32, 10 classes): the
+official model's modules (``reference_forward``, NCHW) against bagnet_fast's training path
+(merged stem, channels-last) and with gradient checkpointing of every stage. One benchmark
+group per batch (batch 1 runs as 2: training BatchNorm needs 2 values per channel). FLOPs in extra_info are the reference forward's counted FLOPs x 3 (backward ~ 2x
+forward, the usual estimate; the training path does fewer); img/s is the comparable number.
+Memory is measured by benchmarks/training_speed.py (one process per configuration).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bagnet_fast
+from bagnet_fast import flops
+
+CONFIGS = ("official", "fast", "fast-checkpointing")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_training_step(run_timed, images, settings, config, batch):
+    if "float32" not in settings.dtypes:
+        pytest.skip("the training step runs in float32 (autocast is the user's choice)")
+    torch.manual_seed(0)
+    model = bagnet_fast.bagnet33(num_classes=10).to(settings.device).train()
+    forward = model.reference_forward if config == "official" else model
+    model.channels_last = config != "official"
+    model.set_grad_checkpointing(config == "fast-checkpointing")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    # BatchNorm in training mode needs 2 values per channel; at small sizes the last maps are 1x1.
+    batch = max(batch, 2)
+    x = images(batch, "float32")
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(0)).to(settings.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    flop, moved = flops.total(flops.reference_layer_costs(model, x.shape, x.dtype))
+    run_timed(step, images=batch, flops=3 * flop, bytes=3 * moved, group=f"train bagnet33 float32 b{batch}",
+              extra={"network": "bagnet33", "implementation": config, "dtype": "float32", "batch": batch,
+                     "size": settings.size}, autograd=True)
