@@ -217,3 +217,24 @@ def test_model_built_under_inference_mode():
         model = make_model("bagnet9")
         x = torch.randn(1, 3, 33, 33)
         assert rel_err(model(x), model.reference_forward(x)) <= FP32_RTOL
+
+
+def test_bagnet9_strides_moved_up_exactly():
+    """plan._move_strides_up: BagNet-9's layer3.0 (1x1 conv2, stride 2) runs at stride 1 and
+    layer2.0's 3x3 conv2 and downsample at stride 4, so layer2's blocks compute a quarter of the
+    pixels; geometry and outputs stay the reference's (odd map sizes included)."""
+    from bagnet_fast import flops
+
+    model = make_model("bagnet9")
+    plan = bagnet_fast.get_plan(model)
+    strides = {unit.name: unit.stride for unit in plan.units}
+    assert strides["layer2.0"] == 4 and strides["layer3.0"] == 1 and plan.stride == 8 and plan.patch_size == 9
+    assert [unit.jump for unit in plan.units if unit.name.startswith("layer2")] == [8, 8, 8, 8]
+    costs = {c.name: c.flops for c in flops.plan_unit_costs(plan, (1, 3, 224, 224))}
+    reference = {c.name: c.flops for c in flops.reference_layer_costs(model, (1, 3, 224, 224))}
+    layer2 = sum(v for k, v in costs.items() if k.startswith("layer2.1"))
+    assert layer2 < 0.3 * sum(v for k, v in reference.items() if k.startswith("layer2.1"))  # 27² vs 54² pixels
+    for size in (9, 25, 41, 58, 67):  # maps of odd and even sizes at every stage
+        x = torch.randn(2, 3, size, size + 5)
+        with torch.no_grad():
+            assert rel_err(model(x), model.reference_forward(x)) <= FP32_RTOL

@@ -194,7 +194,7 @@ def _triton_conv_bias_act(
     n, c_in, height, width = x.shape
     c_out, w_cin, k, k2 = weight.shape
     torch._check(w_cin == c_in and k == k2 and k in (1, 3), lambda: f"bad weight shape {tuple(weight.shape)}")
-    torch._check(stride in (1, 2), lambda: f"stride must be 1 or 2, got {stride}")
+    torch._check(stride in (1, 2, 4), lambda: f"stride must be 1, 2 or 4, got {stride}")  # 4: BagNet-9 layer2.0 (plan._move_strides_up)
     torch._check(height >= k and width >= k, lambda: "input smaller than the kernel")
     h_out = (height - k) // stride + 1
     w_out = (width - k) // stride + 1
