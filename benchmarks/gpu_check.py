@@ -22,8 +22,11 @@ autotunes the Triton kernels or compiles, and is reported separately as ``first_
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +44,10 @@ if str(ROOT) not in sys.path:
 
 import bagnet_fast  # noqa: E402
 from bagnet_fast import timing as _timing  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_checks  # noqa: E402
+import gpu_model  # noqa: E402
 
 # Counted FLOPs per 224×224 image (multiply-adds × 2): the reference BagNet-33 and ResNet-50.
 GFLOP_PER_IMAGE_224 = {"bagnet33": 32.52, "resnet50": 8.18}
@@ -155,10 +162,10 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def device_limits(device: torch.device) -> dict:
+def device_limits(device: torch.device, budget_s: float = 0.5) -> dict:
     """bf16 GEMM TFLOP/s and copy GB/s (read + write), measured by the same code as
     ``python -m bagnet_fast bench`` (bagnet_fast.timing: the best GEMM up to 8192³, 1 GiB copies)."""
-    peaks = _timing.measure_peaks(device, torch.bfloat16)
+    peaks = _timing.measure_peaks(device, torch.bfloat16, budget_s)
     return {
         "peaks": peaks,  # as bagnet_fast.profile's roofline takes them
         "matmul": peaks["matmul_source"],
@@ -179,80 +186,117 @@ def make_bagnet(name: str, device: torch.device, dtype: torch.dtype, channels_la
     return model
 
 
-def implementations(name: str, batch: int, args, device: torch.device) -> List[dict]:
-    """Every row of one (model, batch), most important first. Each row: impl name and a
-    ``setup`` returning the function to time (built lazily so a skipped row costs nothing)."""
-    size = args.image
-    rows: List[dict] = []
+def images(batch: int, size: int, device: torch.device, dtype: torch.dtype, channels_last: bool = False):
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    def images(dtype, channels_last=False):
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    if name == "resnet50":
+def resnet_row(dtype: torch.dtype, channels_last: bool):
+    def setup(batch, args, device):
         import torchvision
 
-        def resnet(dtype, channels_last):
-            def setup():
-                model = torchvision.models.resnet50(weights=None).eval().to(device=device, dtype=dtype)
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                x = images(dtype, channels_last)
-                return lambda: model(x)
+        model = torchvision.models.resnet50(weights=None).eval().to(device=device, dtype=dtype)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        x = images(batch, args.image, device, dtype, channels_last)
+        return (lambda: model(x)), None
 
-            return setup
+    return setup
 
-        rows.append({"impl": "eager bf16 channels-last", "setup": resnet(torch.bfloat16, True)})
-        rows.append({"impl": "eager fp32", "setup": resnet(torch.float32, False)})
-        return rows
 
-    def fast(dtype, backend):
-        def setup():
-            model = make_bagnet(name, device, dtype)
+def reference_row(name: str, dtype: torch.dtype, channels_last: bool, compiled: bool = False):
+    def setup(batch, args, device):
+        model = make_bagnet(name, device, dtype, channels_last)
+        x = images(batch, args.image, device, dtype, channels_last)
+        forward = torch.compile(model.reference_forward) if compiled else model.reference_forward
+        return (lambda: forward(x)), None
+
+    return setup
+
+
+def fast_row(name: str, dtype: torch.dtype, backend: Optional[str], graph: bool = False):
+    """The fast model on ``backend`` (None: the automatic choice), optionally as a CUDA graph;
+    returns (timed function, self-check) where the self-check compares one output with the
+    torch backend's in the same dtype at this batch and names the backend that really ran."""
+    def setup(batch, args, device):
+        model = make_bagnet(name, device, dtype)
+        if backend is not None:
             model.backend = backend
-            x = images(dtype)
-            return lambda: model(x)
+        x = images(batch, args.image, device, dtype)
+        fn = bagnet_fast.cuda_graph(model, x) if graph else model
+        timed = (lambda: fn(x))
 
-        return setup
+        def check() -> dict:
+            with torch.inference_mode():
+                out = fn(x).float()
+                torch_model = copy.deepcopy(model)
+                torch_model.backend = "torch"
+                expected = torch_model(x).float()
+            error = (out - expected).abs().max().item()
+            return {"backend_ran": bagnet_fast.get_plan(model).backend.name,
+                    "max_abs_err_vs_torch": error,
+                    "rel_err_vs_torch": error / max(expected.abs().max().item(), 1e-30),
+                    "nan_in_output": bool(out.isnan().any())}
 
-    def graph(dtype):
-        def setup():
-            model = make_bagnet(name, device, dtype)
-            x = images(dtype)
-            runner = bagnet_fast.cuda_graph(model, x)
-            return lambda: runner(x)
+        return timed, check
 
-        return setup
+    return setup
 
-    def reference(dtype, channels_last, compiled=False):
-        def setup():
-            model = make_bagnet(name, device, dtype, channels_last)
-            x = images(dtype, channels_last)
-            forward = torch.compile(model.reference_forward) if compiled else model.reference_forward
-            return lambda: forward(x)
 
-        return setup
+def row(phase: str, model: str, batch: int, impl: str, setup=None, **extra) -> dict:
+    return {"phase": phase, "model": model, "batch": batch, "impl": impl, "setup": setup, **extra}
 
-    def backends_for(dtype):
-        return [b for b, entry in bagnet_fast.backends(device, dtype).items() if entry["available"]]
 
-    bf16 = torch.bfloat16
-    for backend in backends_for(bf16):
-        rows.append({"impl": f"{FAST} bf16 [{backend}]", "setup": fast(bf16, backend), "backend": backend})
-    rows.append({"impl": "reference eager fp32 NCHW", "setup": reference(torch.float32, False)})
-    rows.append({"impl": "reference eager bf16 channels-last", "setup": reference(bf16, True)})
-    if not args.no_compile and (name == "bagnet33" or args.compile_all):
-        rows.append({"impl": "reference torch.compile bf16 channels-last", "setup": reference(bf16, True, True),
-                     "compile": True})
-    if hasattr(bagnet_fast, "cuda_graph") and device.type == "cuda":
-        rows.append({"impl": f"{FAST} bf16 cuda_graph [auto]", "setup": graph(bf16)})
-    for backend in backends_for(torch.float32):
-        rows.append({"impl": f"{FAST} fp32 [{backend}]", "setup": fast(torch.float32, backend), "backend": backend})
-    if name == "bagnet33":
-        for backend in [b for b in backends_for(bf16) if b != "torch"] or ["torch"]:
-            rows.append({"impl": f"{PROFILE} bf16 [{backend}]", "profile": backend, "dtype": bf16})
-        rows.append({"impl": "stem implementations bf16", "profile": "stem", "dtype": bf16})
-    return rows
+def work_list(args, device: torch.device) -> List[dict]:
+    """Every row, in measuring order, by phase (gpu_check.sh runs each phase in its own process,
+    so a device fault in the never-run Triton rows cannot lose the baselines):
+    baselines, triton (fast bf16 at the goal batch and its unit profile), cuda (the same on the
+    cuda backend, the stem three ways), extra (CUDA graphs at batch 32 and 1, fp32 rows, the
+    owed checks, the other models), compile (torch.compile)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    m33 = args.main_model  # BagNet-33; BagNet-9 in a dry run (the same units, a third of the time)
+    goal = args.goal_batch
+    small = [b for b in args.small_batches if b != goal]
+    rows = [
+        row("baselines", "resnet50", goal, "eager bf16 channels-last", resnet_row(bf16, True)),
+        row("baselines", m33, goal, "reference eager fp32 NCHW", reference_row(m33, fp32, False)),
+        row("baselines", m33, goal, "reference eager bf16 channels-last", reference_row(m33, bf16, True)),
+    ]
+    # A dry run stands the torch backend in for the cuda backend (the cpu backend is fp32 only).
+    cuda = "torch" if args.dry_run else "cuda"
+    for phase, backend in (("triton", "triton"), ("cuda", cuda)):
+        rows += [row(phase, m33, goal, f"{FAST} bf16 [{backend}]", fast_row(m33, bf16, backend), backend=backend),
+                 row(phase, m33, goal, f"{PROFILE} bf16 [{backend}]", profile=backend, dtype=bf16, backend=backend)]
+    rows.append(row("cuda", m33, goal, "stem implementations bf16", profile="stem", dtype=bf16))
+    for batch in small:
+        rows.append(row("extra", m33, batch, f"{FAST} bf16 cuda_graph [auto]",
+                        fast_row(m33, bf16, None, graph=True), graph=True))
+    rows += [
+        row("extra", m33, goal, f"{FAST} fp32 [triton] ieee", fast_row(m33, fp32, "triton"),
+            backend="triton", fp32_mode="ieee"),
+        row("extra", m33, goal, f"{FAST} fp32 [triton] tf32x3", fast_row(m33, fp32, "triton"),
+            backend="triton", fp32_mode="tf32x3"),
+        row("extra", m33, goal, f"{FAST} fp32 [{cuda}]", fast_row(m33, fp32, cuda), backend=cuda),
+        row("extra", "resnet50", goal, "eager fp32", resnet_row(fp32, False)),
+    ]
+    rows += [row("extra", m33, goal, f"check {name}", check=name) for name in gpu_checks.CHECKS]
+    for name in (m for m in args.models if m != m33):
+        rows.append(row("extra", name, goal, f"{FAST} bf16 [auto]", fast_row(name, bf16, None)))
+    if not args.no_compile:
+        rows.append(row("compile", m33, goal, "reference torch.compile bf16 channels-last",
+                        reference_row(m33, bf16, True, compiled=True), compile=True))
+    # Rows whose backend cannot run here are recorded as skipped with the reason, not dropped.
+    for r in rows:
+        dtype = r.get("dtype") or (fp32 if " fp32" in r["impl"] else bf16)
+        if r.get("backend"):
+            entry = bagnet_fast.backends(device, dtype)[r["backend"]]
+            if not entry["available"]:
+                r["unavailable"] = entry["reason"]
+        if r.get("graph") and device.type != "cuda":
+            r["unavailable"] = "CUDA graphs need a CUDA device"
+        if args.dry_run and r.get("backend") == "triton":
+            r["unavailable"] = "the Triton interpreter is not timed in a dry run (tests/test_triton_*.py run it)"
+    return [r for r in rows if args.phase in ("all", r["phase"])]
 
 
 def stem_implementations(batch: int, args, device: torch.device, dtype: torch.dtype, budget: Budget) -> List[dict]:
@@ -315,42 +359,15 @@ def unit_profile(name: str, batch: int, args, device: torch.device, backend: str
             timed_forward=timer.forward)
     keep = ("name", "kind", "seconds", "tflops_per_s", "gbytes_per_s", "percent_of_roofline", "bound")
     units = [{key: row[key] for key in keep} for row in result["rows"]]
-    return [{"name": "end to end", "seconds": result["seconds_end_to_end"]}] + units
-
-
-GOAL_ROWS = (
-    ("bagnet33", f"{FAST} bf16 [triton]"),
-    ("bagnet33", f"{FAST} bf16 [cuda]"),
-    ("resnet50", "eager bf16 channels-last"),
-    ("bagnet33", "reference eager fp32 NCHW"),
-    ("bagnet33", "reference eager bf16 channels-last"),
-    ("bagnet33", "reference torch.compile bf16 channels-last"),
-    ("bagnet33", f"{FAST} bf16 cuda_graph [auto]"),
-)
-
-
-def work_list(args, device: torch.device) -> List[tuple]:
-    """(model, batch, row) in measuring order: the rows of the goal ratios at the goal batch
-    first, then everything else at the goal batch, the unit profiles, then the smaller batches
-    (largest first)."""
-    batches = sorted(args.batches, reverse=True)
-    goal = GOAL_BATCH if GOAL_BATCH in batches else batches[0]
-    items = []
-    for batch in batches:
-        for name in ("bagnet33", "resnet50", *[m for m in args.models if m != "bagnet33"]):
-            if name != "resnet50" and name not in args.models:
-                continue
-            for row in implementations(name, batch, args, device):
-                if batch == goal and (name, row["impl"]) in GOAL_ROWS:
-                    rank = GOAL_ROWS.index((name, row["impl"]))
-                elif row.get("profile"):
-                    if batch != goal:
-                        continue
-                    rank = len(GOAL_ROWS) + 0.5
-                else:
-                    rank = len(GOAL_ROWS) + (0 if batch == goal else 1 + batches.index(batch))
-                items.append((rank, len(items), name, batch, row))
-    return [(name, batch, row) for _, _, name, batch, row in sorted(items, key=lambda item: item[:2])]
+    # benchmarks/gpu_model.py's prediction for the Triton path in 16-bit (the other backends'
+    # kernels are not modelled: shown for scale only).
+    predicted = {u.name: u for u in gpu_model.predict(plan, batch, args.image)}
+    for unit in units:
+        if unit["name"] in predicted:
+            unit["predicted_s"] = predicted[unit["name"]].seconds
+            unit["predicted_bound"] = predicted[unit["name"]].bound
+    return [{"name": "end to end", "seconds": result["seconds_end_to_end"],
+             "predicted_s": sum(u.seconds for u in predicted.values())}] + units
 
 
 # --------------------------------------------------------------------------- results
@@ -390,6 +407,12 @@ def goal_ratios(rows: List[dict], limits: dict, image: int) -> dict:
                                                  "note": "counted FLOPs are for 224×224 images"}
     if auto is not None and auto is not best:
         goals["triton backend alone img/s"] = auto["img_per_s"]
+    accurate = ips("bagnet33", f"{FAST} fp32 [triton] tf32x3", batch)
+    ref_fp32 = ips("bagnet33", "reference eager fp32 NCHW", batch)
+    goals["issue 17: fp32 tf32x3 vs reference eager fp32 NCHW"] = {
+        "ratio": accurate / ref_fp32 if accurate and ref_fp32 else None, "goal": 2.0,
+        "met": (accurate / ref_fp32 >= 2.0) if accurate and ref_fp32 else None,
+    }
     cuda_ips = ips("bagnet33", f"{FAST} bf16 [cuda]", batch)
     ref_bf16 = ips("bagnet33", "reference eager bf16 channels-last", batch)
     goals["issue 4: cuda backend vs reference eager bf16 channels-last"] = {
@@ -412,15 +435,18 @@ def markdown(result: dict) -> str:
         f"Device limits: bf16 matmul {limits.get('bf16_matmul_tflops', float('nan')):.1f} TFLOP/s "
         f"({limits.get('matmul')}), copy {limits.get('copy_gbps', float('nan')):.0f} GB/s (read + write).",
         "",
-        "| model | batch | implementation | img/s | ms/batch | first call s | TFLOP/s | note |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "| phase | model | batch | implementation | img/s | ms/batch | first call s | TFLOP/s | ran | "
+        "rel. err vs torch | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in sorted(result["rows"], key=lambda r: (r["model"], r["batch"], r["order"])):
         ips = row.get("img_per_s")
+        err = row.get("rel_err_vs_torch")
         lines.append(
-            f"| {row['model']} | {row['batch']} | {row['impl']} | "
+            f"| {row.get('phase', '')} | {row['model']} | {row['batch']} | {row['impl']} | "
             + (f"{ips:.1f} | {row['median_s'] * 1e3:.2f} | {row['first_call_s']:.2f} | " if ips else "– | – | – | ")
             + (f"{row['tflops']:.1f}" if row.get("tflops") else "–")
+            + f" | {row.get('backend_ran', '')} | " + ("" if err is None else f"{err:.2e}")
             + f" | {row.get('note', '')} |"
         )
     lines += ["", f"## Goals (BagNet-33 at batch {result['goals'].get('batch')}, fast = {result['goals'].get('fast_bagnet33_bf16')})", ""]
@@ -430,6 +456,12 @@ def markdown(result: dict) -> str:
             shown = "not measured" if value is None else (f"{value:.1%}" if "fraction" in name else f"{value:.2f}×")
             verdict = "" if goal["met"] is None else (" ✅ met" if goal["met"] else " ❌ not met")
             lines.append(f"- {name}: {shown} (goal ≥ {goal['goal']}){verdict}")
+    lines += ["", "## Checks", ""]
+    for check in result.get("checks", []):
+        verdict = {True: "✅ passed", False: "❌ FAILED", None: "recorded"}[check.get("passed")]
+        lines += [f"- **{check['name']}**: {verdict}{' (' + check['note'] + ')' if check.get('note') else ''}. "
+                  f"Criterion: {check.get('criterion', '')}",
+                  f"  values: `{json.dumps(check.get('values', {}), default=str)}`"]
     for profile in result.get("profiles", []):
         lines += profile_markdown(profile)
     lines += ["", f"Stopped early: {result['skipped']} rows skipped for the time budget." if result["skipped"] else ""]
@@ -447,13 +479,19 @@ def profile_markdown(profile: dict) -> List[str]:
         return lines
     if "units" not in profile:
         return lines + [f"Not measured: {profile.get('note', '')}"]
-    lines += ["| unit | kind | ms | TFLOP/s | GB/s | % of roofline | bound |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["Predicted: benchmarks/gpu_model.py's H200 model of the Triton kernels (a prediction, for the "
+              "Triton rows; other backends for scale).", "",
+              "| unit | kind | ms | predicted ms | measured / predicted | TFLOP/s | GB/s | % of roofline | bound | "
+              "predicted bound |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for unit in profile["units"]:
+        predicted = unit.get("predicted_s")
+        shown = f"{predicted * 1e3:.2f} | {unit['seconds'] / predicted:.2f}" if predicted else "– | –"
         if "kind" not in unit:  # the end-to-end time without the timer's synchronisations
-            lines.append(f"| **{unit['name']}** | | {unit['seconds'] * 1e3:.2f} | | | | |")
+            lines.append(f"| **{unit['name']}** | | {unit['seconds'] * 1e3:.2f} | {shown} | | | | | |")
             continue
-        lines.append(f"| {unit['name']} | {unit['kind']} | {unit['seconds'] * 1e3:.2f} | {unit['tflops_per_s']:.1f} | "
-                     f"{unit['gbytes_per_s']:.0f} | {unit['percent_of_roofline']:.0f} | {unit['bound']} |")
+        lines.append(f"| {unit['name']} | {unit['kind']} | {unit['seconds'] * 1e3:.2f} | {shown} | "
+                     f"{unit['tflops_per_s']:.1f} | {unit['gbytes_per_s']:.0f} | {unit['percent_of_roofline']:.0f} | "
+                     f"{unit['bound']} | {unit.get('predicted_bound', '')} |")
     return lines
 
 
@@ -493,24 +531,103 @@ def run_profile(record: dict, name: str, batch: int, row: dict, args, device: to
     print(f"{name:9s} b{batch:<4d} {row['impl']:45s} " + ("done" if done else record["note"]), flush=True)
 
 
+def load_previous(out: Path) -> Optional[dict]:
+    """The results of earlier phases (gpu_check.sh runs one process per phase into one folder)."""
+    try:
+        return json.loads((out / "gpu_check.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def failed_rows(previous: Optional[dict]) -> set:
+    """(model, batch, impl) of the rows, profiles and checks an earlier run did not finish."""
+    done = set()
+    for entry in (previous or {}).get("rows", []) + (previous or {}).get("profiles", []):
+        if entry.get("img_per_s") or "units" in entry or "stem" in entry:
+            done.add((entry["model"], entry["batch"], entry["impl"]))
+    for check in (previous or {}).get("checks", []):
+        if "error" not in check:
+            done.add((check.get("model"), check.get("batch"), check.get("impl")))
+    return done
+
+
+@contextlib.contextmanager
+def fp32_mode(mode: Optional[str]):
+    """BAGNET_FAST_FP32 for one row (read by bagnet_fast.ops.triton_tuning at every call)."""
+    if mode is None:
+        yield
+        return
+    with gpu_checks.env("BAGNET_FAST_FP32", mode):
+        yield
+
+
+def run_row(entry: dict, record: dict, args, device: torch.device, budget: Budget, result: dict) -> None:
+    """Time one row, then check its output (fast rows) and record what ran; never raises."""
+    fn = check = None
+    try:
+        with fp32_mode(entry.get("fp32_mode")):
+            fn, check = entry["setup"](entry["batch"], args, device)
+            record.update(benchmark(fn, device, budget, args.target_s, args.min_repeats))
+            record["img_per_s"] = entry["batch"] / record["median_s"]
+            gflop = GFLOP_PER_IMAGE_224.get(entry["model"])
+            if gflop and args.image == 224:
+                record["tflops"] = record["img_per_s"] * gflop / 1e3
+            if check is not None:
+                record.update(check())
+                if record["backend_ran"] != entry.get("backend", record["backend_ran"]):
+                    record["note"] = f"ran on {record['backend_ran']}, not {entry['backend']}"
+        if entry.get("backend") == "triton" or entry.get("graph"):
+            from bagnet_fast.ops import triton_ops
+
+            record["autotune_picks"] = {str(k): str(v) for k, v in triton_ops.autotuned_configs().items()}
+    except Exception as error:  # noqa: BLE001 - one row's failure never stops the others
+        record["note"] = "OOM" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:200]}"
+        if not is_oom(error):
+            traceback.print_exc()
+    finally:
+        del fn, check
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_check(entry: dict, args, device: torch.device) -> dict:
+    image = args.image if args.dry_run else args.check_image
+    model = args.main_model
+    try:
+        check = gpu_checks.CHECKS[entry["check"]](device, image, model)
+    except Exception as error:  # noqa: BLE001 - recorded
+        traceback.print_exc()
+        check = {"name": entry["check"], "error": f"{type(error).__name__}: {str(error)[:300]}", "passed": False}
+    return dict(check, impl=entry["impl"], batch=entry["batch"], image=image, model=model)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="results folder (created)")
+    parser.add_argument("--phase", default="all", choices=("all", "baselines", "triton", "cuda", "extra", "compile"),
+                        help="the rows of one phase, merged into OUT/gpu_check.json (gpu_check.sh: one process each)")
+    parser.add_argument("--rerun-failed", action="store_true",
+                        help="only the rows OUT/gpu_check.json has no result for (the follow-up command)")
+    parser.add_argument("--only", default=None, help="only rows whose implementation contains this text")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no measurement after this many seconds")
-    parser.add_argument("--batches", default="1,32,256", help="comma-separated batch sizes")
+    parser.add_argument("--goal-batch", type=int, default=GOAL_BATCH)
+    parser.add_argument("--small-batches", default="32,1", help="CUDA-graph rows")
     parser.add_argument("--models", default="bagnet9,bagnet17,bagnet33")
     parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--check-image", type=int, default=96, help="image size of the checks (2-4 images)")
     parser.add_argument("--target-s", type=float, default=0.5, help="timed seconds per row (after warm-up)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
-    parser.add_argument("--compile-all", action="store_true", help="torch.compile BagNet-9/17 too")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: a smoke test of this script")
     args = parser.parse_args(argv)
     args.min_repeats = 3
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.small_batches = [int(b) for b in args.small_batches.split(",") if b]
     args.models = args.models.split(",")
     if args.dry_run:
-        args.batches, args.image, args.target_s, args.no_compile, args.min_repeats = [2], 40, 0.0, True, 1
+        # BagNet-9 for every row and check, 2 images of 40 px: about a minute on 2 CPU cores.
+        args.goal_batch, args.small_batches, args.image, args.target_s, args.min_repeats = 2, [1], 40, 0.0, 1
+        args.models, args.no_compile = ["bagnet9"], True
         args.budget_s = min(args.budget_s, 240.0)
+    args.main_model = args.models[-1] if args.dry_run else "bagnet33"
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --dry-run for a CPU smoke test)", file=sys.stderr)
@@ -518,47 +635,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
 
-    result = {"dry_run": args.dry_run, "image": args.image, "rows": [], "profiles": [], "skipped": 0, "limits": {},
-              "environment": environment(device), "command": " ".join(sys.argv)}
+    previous = load_previous(args.out) if (args.phase != "all" or args.rerun_failed) else None
+    done = failed_rows(previous) if args.rerun_failed else set()
+    result = previous or {"dry_run": args.dry_run, "image": args.image, "rows": [], "profiles": [], "checks": [],
+                          "skipped": 0, "limits": {}, "environment": environment(device)}
+    result.setdefault("checks", [])
+    result.setdefault("commands", []).append(" ".join(sys.argv))
+    if args.rerun_failed:  # the reruns replace the failed entries
+        for key in ("rows", "profiles"):
+            result[key] = [e for e in result[key] if (e["model"], e["batch"], e["impl"]) in done]
+        result["checks"] = [c for c in result["checks"] if "error" not in c]
     print(json.dumps({k: v for k, v in result["environment"].items() if k != "backends"}, default=str), flush=True)
-    try:
-        result["limits"] = device_limits(device)
-    except Exception as error:  # noqa: BLE001 - reported, never fatal
-        result["limits"] = {"error": repr(error)}
-    print("limits:", result["limits"], flush=True)
+    if not result["limits"].get("peaks") and args.phase in ("all", "baselines", "triton", "cuda"):
+        try:  # the roofline of the unit profiles; 0.5 s per candidate on a GPU, 0.05 s in a dry run
+            result["limits"] = device_limits(device, 0.05 if args.dry_run else 0.5)
+        except Exception as error:  # noqa: BLE001 - reported, never fatal
+            result["limits"] = {"error": repr(error)}
+        print("limits:", result["limits"], flush=True)
     write_results(result, args.out)
 
-    for order, (name, batch, row) in enumerate(work_list(args, device)):
-        record = {"model": name, "batch": batch, "impl": row["impl"], "order": order}
-        if budget.left() < (60 if row.get("compile") else 20 if row.get("profile") else 5):
-            record["note"] = "skipped: time budget spent"
-            result["skipped"] += 1
-            (result["profiles"] if row.get("profile") else result["rows"]).append(record)
+    order = max((r.get("order", 0) for r in result["rows"] + result["profiles"]), default=-1) + 1
+    for entry in work_list(args, device):
+        name, batch, impl = entry["model"], entry["batch"], entry["impl"]
+        if (name, batch, impl) in done or (args.only and args.only not in impl):
             continue
-        if row.get("profile"):
-            run_profile(record, name, batch, row, args, device, result)
+        record = {"phase": entry["phase"], "model": name, "batch": batch, "impl": impl, "order": order}
+        order += 1
+        if entry.get("check"):
+            if budget.left() < 10:
+                result["checks"].append({"name": entry["check"], "impl": impl, "batch": batch, "model": name,
+                                         "passed": None, "error": "skipped: time budget spent"})
+                continue
+            result["checks"].append(run_check(entry, args, device))
+            print(f"{impl:45s} passed={result['checks'][-1].get('passed')}", flush=True)
             write_results(result, args.out)
             continue
-        fn = None
-        try:
-            fn = row["setup"]()
-            record.update(benchmark(fn, device, budget, args.target_s, args.min_repeats))
-            record["img_per_s"] = batch / record["median_s"]
-            gflop = GFLOP_PER_IMAGE_224.get(name)
-            if gflop and args.image == 224:
-                record["tflops"] = record["img_per_s"] * gflop / 1e3
-        except Exception as error:  # noqa: BLE001 - one row's failure never stops the others
-            record["note"] = "OOM" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:200]}"
-            if not is_oom(error):
-                traceback.print_exc()
-        finally:
-            del fn
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        result["rows"].append(record)
-        print(f"{name:9s} b{batch:<4d} {row['impl']:45s} "
-              + (f"{record['img_per_s']:9.1f} img/s  first {record['first_call_s']:.2f} s"
-                 if record.get("img_per_s") else record.get("note", "")), flush=True)
+        target = result["profiles"] if entry.get("profile") else result["rows"]
+        if entry.get("unavailable"):
+            record["note"] = f"skipped: {entry['unavailable']}"
+            target.append(record)
+        elif budget.left() < (60 if entry.get("compile") else 20 if entry.get("profile") else 5):
+            record["note"] = "skipped: time budget spent"
+            result["skipped"] += 1
+            target.append(record)
+        elif entry.get("profile"):
+            run_profile(record, name, batch, entry, args, device, result)
+        else:
+            run_row(entry, record, args, device, budget, result)
+            target.append(record)
+            print(f"{name:9s} b{batch:<4d} {impl:45s} "
+                  + (f"{record['img_per_s']:9.1f} img/s  first {record['first_call_s']:.2f} s"
+                     f"  ran {record.get('backend_ran', '-')}  err {record.get('rel_err_vs_torch', '-')}"
+                     if record.get("img_per_s") else record.get("note", "")), flush=True)
         write_results(result, args.out)
     write_results(result, args.out)
     print(markdown(result), flush=True)

@@ -283,10 +283,7 @@ def test_kernels_compile_for_hopper():
 # --------------------------------------------------------------------------- the GPU check script
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.py end to end on CPU with tiny shapes: catches API and syntax errors
-    before the script's one run on a GPU machine."""
-    import json
+def _gpu_check(out, *extra):
     import subprocess
     import sys
     from pathlib import Path
@@ -295,24 +292,59 @@ def test_gpu_check_dry_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600, env=env, cwd=root,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py end to end on CPU with tiny shapes (BagNet-9, 2 images of 40 px;
+    about 10 s): catches API and syntax errors before the script's one run on a GPU machine."""
+    import json
+
+    _gpu_check(tmp_path)
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert data["rows"], "no measurement rows"
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# ")
-    measured = {(r["model"], r["impl"]) for r in data["rows"] if r.get("img_per_s")}
-    assert ("bagnet33", "reference eager fp32 NCHW") in measured
-    assert any(impl.startswith("fast bf16") or impl.startswith("fast fp32") for _, impl in measured)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert markdown.startswith("# ") and "## Checks" in markdown
+    measured = {(r["model"], r["impl"]): r for r in data["rows"] if r.get("img_per_s")}
+    assert ("bagnet9", "reference eager fp32 NCHW") in measured and ("resnet50", "eager bf16 channels-last") in measured
+    # Every fast row checks itself against the torch backend and names the backend that ran.
+    fast = [r for (_, impl), r in measured.items() if impl.startswith("fast ")]
+    assert fast and all(r["backend_ran"] == "torch" and r["rel_err_vs_torch"] == 0.0 for r in fast), fast
+    # Rows that cannot run here are recorded with the reason, not dropped.
+    skipped = {r["impl"]: r["note"] for r in data["rows"] if not r.get("img_per_s")}
+    assert skipped["fast bf16 [triton]"].startswith("skipped: the Triton interpreter")
     assert "goals" in data
-    # The unit profile of the fast plan: every unit of the FLOP table timed, with its roofline.
-    profile, stem = data["profiles"]
-    assert profile["impl"] == "unit profile bf16 [torch]", profile
-    # The stem's implementations side by side (on the CPU: the direct kernel's C++ twin only).
-    assert [way["name"] for way in stem["stem"]] == ["direct kernel (stem_conv_bias_relu)"], stem
-    assert stem["stem"][0]["median_s"] > 0
-    units = {unit["name"]: unit for unit in profile["units"]}
+    # The unit profile: every unit timed, with the model's prediction next to it.
+    profiles = {p["impl"]: p for p in data["profiles"]}
+    assert [way["name"] for way in profiles["stem implementations bf16"]["stem"]] == ["direct kernel (stem_conv_bias_relu)"]
+    units = {unit["name"]: unit for unit in profiles["unit profile bf16 [torch]"]["units"]}
     assert {"end to end", "stem", "layer4.2", "head"} <= set(units)
-    assert all(unit["seconds"] > 0 for unit in units.values())
-    assert "## bagnet33 unit profile bf16 [torch]" in (tmp_path / "gpu_check.md").read_text()
+    assert all(unit["seconds"] > 0 and unit["predicted_s"] > 0 for unit in units.values())
+    assert "## bagnet9 unit profile bf16 [torch]" in markdown and "measured / predicted" in markdown
+    # The checks owed by issues 11 and 13 (17's fp32 modes need CUDA: recorded as not measurable).
+    checks = {c["name"]: c for c in data["checks"]}
+    assert len(checks) == 4, list(checks)
+    assert checks["issue 11: NaN propagation"]["passed"] is True
+    assert checks["issue 11: NaN propagation"]["values"]["torch"]["nan_patches"] > 0
+    assert checks["issue 13: float32 exact under global TF32 flags"]["passed"] is True
+    dead = checks["issue 13: bf16 on a dead-branch checkpoint, with and without elimination"]["values"]
+    assert dead["torch eliminated"]["blocks_eliminated"] == 5 and dead["torch kept"]["blocks_eliminated"] == 0
+    assert checks["issue 17: Triton fp32 modes vs float64"]["passed"] is None
+
+
+def test_gpu_check_phases_merge_into_one_result(tmp_path):
+    """gpu_check.sh runs each phase in its own process into one folder: a later phase keeps the
+    earlier rows, and --rerun-failed reruns only what has no result."""
+    import json
+
+    _gpu_check(tmp_path, "--phase", "baselines")
+    _gpu_check(tmp_path, "--phase", "extra", "--only", "check nan")
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {r["phase"] for r in data["rows"]} == {"baselines"} and len(data["rows"]) == 3
+    assert [c["impl"] for c in data["checks"]] == ["check nan_propagation"]
+    _gpu_check(tmp_path, "--rerun-failed", "--only", "reference")  # both reference rows have results
+    rerun = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["median_s"] for r in rerun["rows"]] == [r["median_s"] for r in data["rows"]]
