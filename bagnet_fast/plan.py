@@ -123,6 +123,9 @@ class BlockUnit(_Geometry):
     conv3: ConvUnit = None  # type: ignore[assignment]
     downsample: Optional[ConvUnit] = None
     downsample_stride: int = 1
+    # The output is the module's output at every subsample-th row and column (1: the same map);
+    # > 1 for the blocks computed below their stride by ``_move_strides_up``.
+    subsample: int = 1
 
     @property
     def is_pointwise(self) -> bool:
@@ -550,6 +553,7 @@ def _move_strides_up(blocks: List[BlockUnit]) -> List[BlockUnit]:
         source.downsample_stride *= stride
         for unit in blocks[first:index]:
             unit.jump *= stride  # the output stride after these units (the strided block's is unchanged)
+            unit.subsample *= stride
         block.stride = block.conv2.stride = block.downsample_stride = 1
     return blocks
 

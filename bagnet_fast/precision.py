@@ -133,7 +133,8 @@ def _unit_outputs(model, x: torch.Tensor, mode: Optional[Mode], plans: Optional[
                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """(logits, {unit name: output}) of one mode; mode None: the float64 oracle (reference
     modules in float64). Block outputs are recorded by forward hooks on the modules for the
-    reference path and by the plan's walk hook for the fast path."""
+    reference path and by the plan's walk hook for the fast path, each as (output, subsample):
+    the plan's output is the module's at every subsample-th row and column (``BlockUnit.subsample``)."""
     from .plan import build_plan
 
     outputs: Dict[str, torch.Tensor] = {}
@@ -142,7 +143,7 @@ def _unit_outputs(model, x: torch.Tensor, mode: Optional[Mode], plans: Optional[
         for s in range(1, 5):
             for i, block in enumerate(getattr(model, f"layer{s}")):
                 handles.append(block.register_forward_hook(
-                    lambda module, inputs, output, name=f"layer{s}.{i}": outputs.__setitem__(name, output.double())))
+                    lambda module, inputs, output, name=f"layer{s}.{i}": outputs.__setitem__(name, (output.double(), 1))))
         try:
             autocast = mode is not None and mode.autocast
             with torch.autocast(x.device.type, dtype=mode.dtype if autocast else None, enabled=autocast), \
@@ -155,7 +156,7 @@ def _unit_outputs(model, x: torch.Tensor, mode: Optional[Mode], plans: Optional[
 
     def record(unit, run, value):
         out = run(value)
-        outputs[getattr(unit, "name", "head")] = out.double()
+        outputs[getattr(unit, "name", "head")] = (out.double(), getattr(unit, "subsample", 1))
         return out
 
     from .dead_branches import DEFAULT_TOLERANCE
@@ -218,9 +219,9 @@ def precision_report(model, images: torch.Tensor, labels: Optional[torch.Tensor]
             row["top5"] += int((top5 == logits.argmax(1, keepdim=True)).any(1).sum())
             if labels is not None:
                 row["correct"] += int((logits.argmax(1).cpu() == labels[start : start + batch_size].cpu()).sum())
-            for name, out in units.items():
+            for name, (out, step) in units.items():
                 if name in exact_units:
-                    error = float(_errors(out, exact_units[name]).max())
+                    error = float(_errors(out, exact_units[name][0][..., ::step, ::step]).max())
                     row["units"][name] = max(row["units"].get(name, 0.0), error)
         seen += len(x)
     report = {"images": seen, "device": str(device), "skipped": skipped, "modes": []}

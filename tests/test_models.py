@@ -238,3 +238,27 @@ def test_bagnet9_strides_moved_up_exactly():
         x = torch.randn(2, 3, size, size + 5)
         with torch.no_grad():
             assert rel_err(model(x), model.reference_forward(x)) <= FP32_RTOL
+    # Every block's output is the module's output at every subsample-th row and column.
+    assert {u.name: u.subsample for u in plan.blocks if u.subsample > 1} == {f"layer2.{i}": 2 for i in range(4)}
+    x, seen, handles = torch.randn(2, 3, 58, 63), {}, []
+    for name, module in model.named_modules():
+        if name.count(".") == 1 and name.startswith("layer"):
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o)))
+    with torch.no_grad():
+        model.reference_forward(x)
+    for handle in handles:
+        handle.remove()
+    compared = []
+
+    def compare(unit, run, value):
+        out = run(value)
+        if unit in plan.blocks:
+            step = unit.subsample
+            expected = seen[unit.name][..., ::step, ::step]
+            assert out.shape == expected.shape and rel_err(out, expected) <= FP32_RTOL, unit.name
+            compared.append(unit.name)
+        return out
+
+    with torch.no_grad():
+        plan.run(x, hook=compare)
+    assert len(compared) == len(plan.blocks) == 16
