@@ -46,6 +46,10 @@ def test_report_lists_every_backend_with_a_reason():
     assert report["triton"]["automatic"] is False  # never chosen automatically for CPU tensors
     assert bagnet_fast.backends("cpu", torch.float64)["cpu"]["reason"].startswith("the cpu backend computes in float32")
     assert list(bagnet_fast.backends("cuda"))[:3] == ["triton", "cuda", "torch"]
+    # A bf16 model falls back with the reason, naming what this CPU has.
+    bf16 = bagnet_fast.backends("cpu", torch.bfloat16)["cpu"]["reason"]
+    units = "available" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "not available"
+    assert f"this CPU: {torch.backends.cpu.get_cpu_capability()}, oneDNN bfloat16 kernels {units}" in bf16
 
 
 def test_asking_for_an_unusable_or_unknown_backend_raises_with_the_reason():

@@ -59,6 +59,8 @@ class BackendInfo:
     # (device, dtype) -> None when it can run, else the reason (extension missing, ...).
     probe: Callable[[torch.device, torch.dtype], Optional[str]] = _always_usable
     compiles_at_run_time: bool = False  # kernels may fail on first use: wrap in the fallback
+    # dtype -> what to add to the "computes in ..., not dtype" reason (what the machine could do).
+    dtype_note: Optional[Callable[[torch.dtype], str]] = None
 
     def rank(self, device_type: str) -> Optional[int]:
         return self.preference.get(device_type, self.preference.get(ANY))
@@ -92,7 +94,8 @@ def available(name: str, device: "str | torch.device", dtype: torch.dtype) -> Tu
         return False, f"the {name} backend runs on {'/'.join(info.devices)} tensors, not {device.type}"
     if info.dtypes is not None and dtype not in info.dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in info.dtypes)
-        return False, f"the {name} backend computes in {names}, not {dtype}"
+        note = info.dtype_note(dtype) if info.dtype_note is not None else ""
+        return False, f"the {name} backend computes in {names}, not {dtype}" + (f" ({note})" if note else "")
     if not dtype.is_floating_point:
         return False, f"the {name} backend needs a floating dtype, not {dtype}"
     problem = info.probe(device, dtype)

@@ -23,6 +23,23 @@ def _probe(device: torch.device, dtype: torch.dtype):
     return None
 
 
+def _dtype_note(dtype: torch.dtype) -> str:
+    """Why a reduced-precision model does not run here, with what this CPU could do: oneDNN's
+    bf16/fp16 convolutions need AVX512-BF16/AMX (AVX512-FP16/AMX-FP16) units."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return ""
+    capability = torch.backends.cpu.get_cpu_capability()
+    units = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+             torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
+    try:
+        has_units = bool(units())
+    except (RuntimeError, AttributeError):
+        has_units = False
+    kind = str(dtype).replace("torch.", "")
+    return (f"no fused {kind} CPU plan is built yet; this CPU: {capability}, oneDNN {kind} kernels "
+            f"{'available' if has_units else 'not available'}")
+
+
 class CpuBackend(Backend):
     """oneDNN convolutions with fused post-ops and the C++ fused ops.
 
@@ -121,4 +138,5 @@ register_backend(BackendInfo(
     dtypes=(torch.float32,),
     preference={"cpu": 0},
     probe=_probe,
+    dtype_note=_dtype_note,
 ))
