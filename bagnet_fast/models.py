@@ -116,6 +116,7 @@ class BagNet(nn.Module):
         self.dead_branch_tolerance: float = 2.0 ** -24
         self.channels_last = True  # the training path's memory format (faster convolutions)
         self.grad_checkpointing: frozenset = frozenset()  # stages recomputed in backward
+        self.checkpoint_recompute: str = "stage"  # what is recomputed there (set_grad_checkpointing)
 
     def _make_layer(
         self, block: type, planes: int, blocks: int, stride: int, kernel3: int
@@ -180,7 +181,8 @@ class BagNet(nn.Module):
         3x3 convolution whose weight is computed from both at every call (gradients reach both;
         -3.5 GFLOP forward, -7 backward per 224 image, and the 64 x 224 x 224 output of conv1 is
         never stored). Stages listed in ``grad_checkpointing`` are recomputed in backward instead
-        of storing their activations (their BatchNorm statistics are updated once). The
+        of storing their activations (``checkpoint_recompute``: the whole stage, or only each
+        block's BatchNorms, ReLUs and sums; BatchNorm statistics are updated once). The
         downsample runs on its whole input: in training mode its BatchNorm's batch statistics
         cover every position, so computing only the kept ones would change them."""
         if self.channels_last:
@@ -188,7 +190,11 @@ class BagNet(nn.Module):
         x = self.relu(self.bn1(self._stem_conv(x)))
         for index, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
             if index in self.grad_checkpointing and torch.is_grad_enabled():
-                x = _checkpoint_stage(stage, x)
+                if getattr(self, "checkpoint_recompute", "stage") == "elementwise":
+                    for block in stage:
+                        x = _checkpoint_elementwise(block, x)
+                else:
+                    x = _checkpoint_stage(stage, x)
             else:
                 x = stage(x)
         return x
@@ -233,9 +239,23 @@ class BagNet(nn.Module):
         device, dtype = self.conv2.weight.device, self.conv2.weight.dtype
         self.fc = nn.Linear(self.num_features, num_classes).to(device, dtype) if num_classes else nn.Identity()
 
-    def set_grad_checkpointing(self, enable: bool = True, stages: Sequence[int] = (1, 2, 3, 4)) -> None:
-        """Recompute the given stages (1-4) in backward instead of storing their activations."""
-        self.grad_checkpointing = frozenset(stages) if enable else frozenset()
+    def set_grad_checkpointing(self, enable: bool = True, stages: Sequence[int] = (1, 2, 3, 4),
+                               recompute: str = "stage") -> None:
+        """Recompute parts of the given stages (1-4) in backward instead of storing them.
+
+        ``recompute="stage"``: only each stage's input is stored and the whole stage runs again
+        in backward (the least memory, about one more forward of compute). ``"elementwise"``:
+        every convolution's output is stored and only the BatchNorms, ReLUs and residual sums run
+        again (no convolution is recomputed; each block stores its input and its convolutions'
+        outputs, not the BatchNorm/ReLU outputs). Both are exact: the same operations on the same
+        values, gradients and BatchNorm statistics equal to the reference's."""
+        if recompute not in ("stage", "elementwise"):
+            raise ValueError(f"recompute must be 'stage' or 'elementwise', got {recompute!r}")
+        stages = frozenset(int(s) for s in stages)
+        if not stages <= {1, 2, 3, 4}:
+            raise ValueError(f"stages must be among 1, 2, 3, 4, got {sorted(stages)}")
+        self.grad_checkpointing = stages if enable else frozenset()
+        self.checkpoint_recompute = recompute
 
     def __getstate__(self):
         # The plan is derived data (and holds oneDNN tensors that do not pickle): rebuild it.
@@ -282,8 +302,76 @@ class _RestoreBatchNormStatistics:
 def _checkpoint_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     import contextlib
 
+    if torch.compiler.is_compiling():  # the graph's own recomputation: statistics mutate once
+        return checkpoint(stage, x, use_reentrant=False)
+
     return checkpoint(stage, x, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _RestoreBatchNormStatistics(stage)))
+
+
+def _convolution_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("convolution", "mkldnn_convolution", "cudnn_convolution", "_convolution")
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _save_convolutions(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep convolution outputs, recompute everything else
+    (BatchNorm, ReLU, slicing, sums: elementwise work)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _CONVOLUTIONS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_CONVOLUTIONS = _convolution_ops()
+
+
+class _RecomputeContext:
+    """The recomputation's context: the BatchNorm statistics restored around it (entered first,
+    so its copies are not seen by the selective-checkpoint mode), then that mode."""
+
+    def __init__(self, block: nn.Module, selective) -> None:
+        self.restore, self.selective = _RestoreBatchNormStatistics(block), selective
+
+    def __enter__(self):
+        self.restore.__enter__()
+        self.selective.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.selective.__exit__(*exc)
+        finally:
+            self.restore.__exit__(*exc)
+
+
+def _checkpoint_elementwise(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    if torch.compiler.is_compiling():  # the graph's own recomputation: statistics mutate once
+        return checkpoint(block, x, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
+
+    def contexts():
+        forward, recompute = create_selective_checkpoint_contexts(_save_convolutions)
+        return forward, _RecomputeContext(block, recompute)
+
+    return checkpoint(block, x, use_reentrant=False, context_fn=contexts, **_CHECKPOINT_HOOKS)
+
+
+def _checkpoint_options() -> dict:
+    # torch >= 2.12 asks whether saved_tensors_hooks (save_on_cpu, memory counters) see the
+    # tensors selective checkpointing keeps: yes, like any other saved tensor.
+    import inspect
+
+    return {"respect_saved_tensors_hooks": True} if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
+
+
+_CHECKPOINT_HOOKS = _checkpoint_options()
 
 
 def _bagnet(

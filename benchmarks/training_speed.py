@@ -28,7 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # "+kept allocator": freed large blocks kept for reuse in that process (what the cpu backend's
 # inference plan sets, bagnet_fast/executors/cpu_memory.py), to see what the allocator alone does.
-CONFIGS = ("official", "fast", "fast NCHW", "fast+checkpointing", "official+kept allocator", "fast+kept allocator")
+# "+checkpointing": every stage recomputed in backward; "+elementwise checkpointing": only the
+# BatchNorms, ReLUs and sums (set_grad_checkpointing(recompute="elementwise")).
+CONFIGS = ("official", "fast", "fast NCHW", "fast+checkpointing", "fast+elementwise checkpointing",
+           "official+kept allocator", "fast+kept allocator", "fast+checkpointing+kept allocator",
+           "fast+elementwise checkpointing+kept allocator")
 
 
 def _rss_kib() -> int:
@@ -53,8 +57,10 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
     forward = model.reference_forward if config.startswith("official") else model
     if config.startswith("official") or config == "fast NCHW":
         model.channels_last = False
-    if config == "fast+checkpointing":
+    if config.startswith("fast+checkpointing"):
         model.set_grad_checkpointing(True)
+    if config.startswith("fast+elementwise checkpointing"):
+        model.set_grad_checkpointing(True, recompute="elementwise")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
@@ -92,6 +98,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="8x224,2x512", help="BATCHxSIZE,...")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
     parser.add_argument("--out")
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "BATCH", "SIZE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,6 +106,12 @@ def main() -> int:
         config, batch, size, steps = args.worker
         print(json.dumps(worker(config, int(batch), int(size), int(steps))))
         return 0
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown or "official" not in configs:
+        parser.error(f"--configs: unknown {sorted(unknown)}" if unknown else "--configs must include official")
+    if args.out and Path(args.out).exists():
+        parser.error(f"{args.out} exists (choose a new file)")
     import torch
 
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -106,7 +119,7 @@ def main() -> int:
     for shape in args.shapes.split(","):
         batch, size = (int(v) for v in shape.split("x"))
         for _ in range(args.rounds):
-            for config in CONFIGS:
+            for config in configs:
                 out = subprocess.run([sys.executable, __file__, "--worker", config, str(batch), str(size), str(args.steps)],
                                      capture_output=True, text=True, check=True)
                 run = json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,9 +130,11 @@ def main() -> int:
         keys = ("images_per_second", "peak_step_memory_mib", "saved_for_backward_mib")
         summary = {c: {key: statistics.median(r[key] for r in result["runs"]
                                               if r["config"] == c and r["batch"] == batch and r["size"] == size)
-                       for key in keys} for c in CONFIGS}
+                       for key in keys} for c in configs}
         official = summary["official"]
-        for c in CONFIGS[1:]:
+        for c in configs:
+            if c == "official":
+                continue
             summary[c]["speed_vs_official"] = summary[c]["images_per_second"] / official["images_per_second"]
             summary[c]["memory_vs_official"] = summary[c]["peak_step_memory_mib"] / official["peak_step_memory_mib"]
             summary[c]["saved_vs_official"] = summary[c]["saved_for_backward_mib"] / official["saved_for_backward_mib"]

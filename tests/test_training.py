@@ -49,10 +49,10 @@ def images(batch=4, size=40, dtype=torch.float32):
     return torch.randn(batch, 3, size, size + 3, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
-def _compare(model, bound, batch=4, size=40, checkpoint=()):
+def _compare(model, bound, batch=4, size=40, checkpoint=(), recompute="stage"):
     """One training step of the training path against the reference's: output, every parameter's
     gradient and every BatchNorm statistic within ``bound``."""
-    model.set_grad_checkpointing(bool(checkpoint), checkpoint)
+    model.set_grad_checkpointing(bool(checkpoint), checkpoint, recompute=recompute)
     reference = copy.deepcopy(model)
     x = images(batch, size, model.conv1.weight.dtype)
     out, grads = _step(model, x, model)
@@ -86,6 +86,40 @@ def test_gradient_checkpointing_per_stage_is_exact_and_counts_each_batch_once():
     torch.manual_seed(0)
     _compare(make_model("bagnet17", num_classes=10).double().train(), 1e-10, batch=2, checkpoint=(1, 2, 3, 4))
     _compare(small_bagnet(), 1e-4, checkpoint=(2,))
+
+
+def test_elementwise_checkpointing_is_exact_and_recomputes_no_convolution():
+    """recompute="elementwise": convolution outputs kept, BatchNorm/ReLU/sums recomputed; the same
+    gradients and statistics, backward does the FLOPs of a plain backward (a stage recompute adds
+    a forward's), and fewer bytes are saved than without checkpointing, more than per stage."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    _compare(make_model("bagnet17", num_classes=10).double().train(), 1e-10, batch=2,
+             checkpoint=(1, 2, 3, 4), recompute="elementwise")
+    _compare(small_bagnet(), 1e-4, checkpoint=(2, 3), recompute="elementwise")
+    flops, saved = {}, {}
+    for recompute in (None, "stage", "elementwise"):
+        torch.manual_seed(0)
+        model = make_model("bagnet17", num_classes=10).train()
+        model.set_grad_checkpointing(recompute is not None, recompute=recompute or "stage")
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model(images(2, 48))
+        with FlopCounterMode(display=False) as counter:
+            out.sum().backward()
+        flops[recompute], saved[recompute] = counter.get_total_flops(), sum(storages.values())
+    assert flops["elementwise"] == flops[None] < flops["stage"]
+    assert saved["stage"] < saved["elementwise"] < 0.9 * saved[None], saved
+    with pytest.raises(ValueError, match="recompute must be"):
+        model.set_grad_checkpointing(True, recompute="everything")
+    with pytest.raises(ValueError, match="stages must be among"):
+        model.set_grad_checkpointing(True, stages=(0,))
 
 
 def test_input_gradients_in_eval_mode():
@@ -147,6 +181,21 @@ def test_torch_compile_in_train_mode_without_graph_breaks():
     expected, expected_grads = _step(reference, x, reference.reference_forward)
     assert rel_err(out, expected) <= 1e-4
     assert max(gradient_errors(grads, expected_grads).values()) <= 1e-4
+
+
+@pytest.mark.parametrize("recompute", ["stage", "elementwise"])
+def test_torch_compile_with_checkpointing(recompute):
+    """Compiled, checkpointing is the graph's own recomputation: same gradients, statistics once."""
+    model = small_bagnet()
+    model.set_grad_checkpointing(True, (2, 3), recompute=recompute)
+    reference = copy.deepcopy(model)
+    x = images()
+    out, grads = _step(model, x, torch.compile(model, fullgraph=True))
+    expected, expected_grads = _step(reference, x, reference.reference_forward)
+    assert rel_err(out, expected) <= 1e-4
+    assert max(gradient_errors(grads, expected_grads).values()) <= 1e-4
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        assert (rel_err(a, b) <= 1e-4) if a.is_floating_point() else torch.equal(a, b), name
 
 
 def test_autocast_in_training_follows_pytorch():

@@ -39,10 +39,10 @@ _state: Optional[str] = None
 def keep_freed_memory() -> str:
     """Apply the setting once per process (idempotent); returns :func:`state`. Public as
     ``bagnet_fast.keep_freed_cpu_memory()``: the cpu backend calls it when it prepares its first
-    plan. Call it before training to have it there too: one round each on a busy machine measured
-    a BagNet-33 training step 1.6x faster at batch 8, 224 (the official modules and the training
-    path alike) but 0.64x at batch 2, 512, with 1.26-1.58x the peak resident memory (README,
-    "Fine-tuning"): measure on your machine."""
+    plan. Call it before training to have it there too: a BagNet-33 training step (SGD, 2-core
+    AVX2 VM, two rounds, results/2026-12-03-s6-cpu-avx2-2core-training/) ran 1.80x the official
+    modules' speed at batch 8, 224 and 1.65x at batch 2, 512 (the official modules themselves
+    1.73x / 1.75x), with 1.26x the peak resident memory of the official modules' default."""
     global _state
     if _state is None:
         _state = _apply()
