@@ -8,6 +8,7 @@ plan of :mod:`bagnet_fast.plan` instead; it computes the same function.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -300,8 +301,6 @@ class _RestoreBatchNormStatistics:
 
 
 def _checkpoint_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    import contextlib
-
     if torch.compiler.is_compiling():  # the graph's own recomputation: statistics mutate once
         return checkpoint(stage, x, use_reentrant=False)
 
@@ -328,23 +327,12 @@ def _save_convolutions(ctx, op, *args, **kwargs):
 _CONVOLUTIONS = _convolution_ops()
 
 
-class _RecomputeContext:
+@contextlib.contextmanager
+def _recompute_context(block: nn.Module, selective):
     """The recomputation's context: the BatchNorm statistics restored around it (entered first,
     so its copies are not seen by the selective-checkpoint mode), then that mode."""
-
-    def __init__(self, block: nn.Module, selective) -> None:
-        self.restore, self.selective = _RestoreBatchNormStatistics(block), selective
-
-    def __enter__(self):
-        self.restore.__enter__()
-        self.selective.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.selective.__exit__(*exc)
-        finally:
-            self.restore.__exit__(*exc)
+    with _RestoreBatchNormStatistics(block), selective:
+        yield
 
 
 def _checkpoint_elementwise(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -358,7 +346,7 @@ def _checkpoint_elementwise(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     def contexts():
         forward, recompute = create_selective_checkpoint_contexts(_save_convolutions)
-        return forward, _RecomputeContext(block, recompute)
+        return forward, _recompute_context(block, recompute)
 
     return checkpoint(block, x, use_reentrant=False, context_fn=contexts, **_CHECKPOINT_HOOKS)
 

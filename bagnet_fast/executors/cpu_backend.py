@@ -29,10 +29,9 @@ def _dtype_note(dtype: torch.dtype) -> str:
     if dtype not in (torch.bfloat16, torch.float16):
         return ""
     capability = torch.backends.cpu.get_cpu_capability()
-    units = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-             torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
-    try:
-        has_units = bool(units())
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:  # looked up here: a torch without the probe raises AttributeError
+        has_units = bool(getattr(torch.ops.mkldnn, probe)())
     except (RuntimeError, AttributeError):
         has_units = False
     kind = str(dtype).replace("torch.", "")
