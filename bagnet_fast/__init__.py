@@ -9,6 +9,7 @@ from . import certify
 from .accelerate import accelerate, bagnet_from_state_dict
 from .dead_branches import dead_branches
 from .executors import backends
+from .executors.cpu_memory import enable_caching_allocator as enable_cpu_caching_allocator
 from .executors.cpu_memory import keep_freed_memory as keep_freed_cpu_memory
 from .explain import dense_heatmap, mask_patches, masking_experiment, patch_features, patch_logits, top_patches
 from .graphs import cuda_graph
@@ -36,6 +37,7 @@ __all__ = [
     "cuda_graph",
     "dead_branches",
     "dense_heatmap",
+    "enable_cpu_caching_allocator",
     "get_plan",
     "heatmap_padding",
     "keep_freed_cpu_memory",

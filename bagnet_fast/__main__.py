@@ -59,9 +59,11 @@ def _info(args) -> int:
           f"{', with CUDA' if _extension.with_cuda() else ''}")
     from bagnet_fast.executors import cpu_memory
 
-    setting = "system" if os.environ.get(cpu_memory.ENV) == "system" else "keep"
-    print(f"cpu allocator: {setting} (large freed blocks {'returned to the system' if setting == 'system' else 'kept for reuse'}"
-          f" once the cpu backend runs; {cpu_memory.ENV}=system|keep)")
+    setting = os.environ.get(cpu_memory.ENV, "keep")
+    meaning = {"system": "large freed blocks returned to the system", "keep": "large freed blocks kept for reuse",
+               "cache": "bagnet_fast's caching allocator"}.get(setting, "not a valid setting")
+    print(f"cpu allocator: {setting} ({meaning} once the cpu backend runs; {cpu_memory.ENV}=keep|system|cache)")
+    print("  for training: bagnet_fast.enable_cpu_caching_allocator() (README, Fine-tuning)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for name, entry in bagnet_fast.backends(device).items():

@@ -1,6 +1,6 @@
 """The cpu backend's allocator setting (bagnet_fast/executors/cpu_memory.py) measured: the fast
 path with freed large blocks kept for reuse (the default) against glibc's defaults
-(BAGNET_FAST_CPU_MALLOC=system), each in its own process (the setting is process-wide),
+(BAGNET_FAST_CPU_MALLOC=system) and bagnet_fast's caching allocator (=cache), each in its own process (the setting is process-wide),
 alternating, several rounds; and resident memory after forwards over many image sizes.
 
     python benchmarks/cpu_malloc_speed.py --out benchmarks/results/<file>.json
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("keep", "system")
+SETTINGS = ("keep", "system", "cache")
 SWEEP = list(range(64, 300, 12)) + list(range(300, 64, -24))  # 40 sizes up and down, batch 2
 
 
@@ -90,7 +90,8 @@ def main() -> int:
                 print(f"b{batch} {setting:6s} {run['images_per_second']:6.2f} img/s  ({run['allocator']})", flush=True)
         rates = {s: statistics.median(r["images_per_second"] for r in result["runs"]
                                       if r["setting"] == s and r["batch"] == batch) for s in SETTINGS}
-        result["summary"][f"b{batch}"] = dict(rates, speedup=rates["keep"] / rates["system"])
+        result["summary"][f"b{batch}"] = dict(rates, speedup=rates["keep"] / rates["system"],
+                                              cache_speedup=rates["cache"] / rates["system"])
     for setting in SETTINGS:
         run = _run(setting, args.model, 2, 0, 0, 1)
         result["summary"][f"rss_mib_after_sweep_{setting}"] = run["rss_mib_after_sweep"]

@@ -123,6 +123,9 @@ def describe(report: dict) -> str:
 MODES = {"bf16": ("16bit", "tf32"), "fp16": ("16bit", "tf32"), "fp32": ("fp32", "ieee"), "tf32x3": ("fp32_mma", "tf32x3")}
 
 
+VARIANT_CONSTEXPRS = ("KSIZE", "STRIDE", "FLAT_TAPS", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "MEAN_OUTPUT")
+
+
 def conv_jobs(dtype: str, quick: bool):
     """(name, kernel, constexprs, tile, not divisible) for every conv variant the plan launches."""
     dclass, precision = MODES[dtype]
@@ -130,10 +133,13 @@ def conv_jobs(dtype: str, quick: bool):
     base = dict(KSIZE=1, STRIDE=1, FLAT_TAPS=False, HAS_RESIDUAL=False, HAS_DOWNSAMPLE=False, APPLY_RELU=True,
                 MEAN_OUTPUT=False, INPUT_PRECISION=precision, GROUP_M=triton_tuning.GROUP_M)
     variants = [
-        # (label, constexprs, Cout, reduction, arguments not multiples of 16)
+        # (label, constexprs, Cout, reduction, arguments not multiples of 16); every combination
+        # the plans launch (tests/test_compile_budget.py checks against their recorded launches)
         ("k3 s1", dict(KSIZE=3), 2048, 64, set()),
         ("k3 s2", dict(KSIZE=3, STRIDE=2), 2048, 128, set()),
+        ("k3 s4", dict(KSIZE=3, STRIDE=4), 2048, 128, set()),  # BagNet-9's layer2.0: stride moved up
         ("stem k3 flat", dict(KSIZE=3, FLAT_TAPS=True), 64, 27, STEM_NOT_DIVISIBLE),
+        ("k1", {}, 512, 2048, set()),  # conv1/conv2 of the split stage-3/4 blocks
         ("k1 residual", dict(HAS_RESIDUAL=True), 2048, 512, set()),
         ("k1 downsample", dict(HAS_DOWNSAMPLE=True), 2048, 512, set()),
         ("k1 residual mean", dict(HAS_RESIDUAL=True, MEAN_OUTPUT=True), 2048, 512, set()),

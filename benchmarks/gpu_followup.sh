@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The follow-up of benchmarks/gpu_check.sh, at most 3 minutes, into the same RESULTS_DIR:
-# 1. the rows, profiles and checks gpu_check.json has no result for, rerun (100 s);
-# 2. Nsight Compute on the top Triton kernels of the fast BagNet-33 bf16 forward at batch 256
+# 1. the rows, profiles and checks gpu_check.json has no result for, rerun (80 s);
+# 2. the training step (issue 16): official vs the training path, fp32 and bf16 autocast, stage
+#    and block checkpointing, BagNet-33 batch 64 at 224: img/s and peak allocated memory
+#    (benchmarks/gpu_training.py, 35 s, RESULTS_DIR/gpu_training.json);
+# 3. Nsight Compute on the top Triton kernels of the fast BagNet-33 bf16 forward at batch 256
 #    (the conv and fused-pointwise GEMMs of one forward after a warm-up forward: SOL, occupancy,
-#    L2 hit rate, tensor-pipe use; 70 s), or, without ncu, the torch profiler's kernel table.
+#    L2 hit rate, tensor-pipe use; 55 s), or, without ncu, the torch profiler's kernel table.
 #
 #     bash benchmarks/gpu_followup.sh RESULTS_DIR
 #
@@ -15,9 +18,12 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bagnet_fast_triton_cache}" TRITON_CACHE_AUTOTUNING=1
-timeout --kill-after=5 100 "$PY" benchmarks/gpu_check.py --out "$OUT_DIR" --rerun-failed --budget-s 90 \
+timeout --kill-after=5 80 "$PY" benchmarks/gpu_check.py --out "$OUT_DIR" --rerun-failed --budget-s 70 \
     >>"$OUT_DIR/followup.log" 2>&1
 echo "[gpu_followup] rerun: rc=$?" | tee -a "$OUT_DIR/followup.log"
+timeout --kill-after=5 35 "$PY" benchmarks/gpu_training.py --out "$OUT_DIR" --budget-s 25 \
+    >>"$OUT_DIR/followup.log" 2>&1
+echo "[gpu_followup] training: rc=$?" | tee -a "$OUT_DIR/followup.log"
 TARGET='
 import sys, torch, bagnet_fast
 m = bagnet_fast.bagnet33().eval().cuda().bfloat16(); m.backend = "triton"
@@ -36,11 +42,11 @@ with torch.inference_mode():
 '
 if command -v ncu >/dev/null; then
     # Only the second forward (NVTX range "second": no compile or tuning launches), 8 kernels.
-    timeout --kill-after=5 70 ncu --target-processes all --nvtx --nvtx-include "second/" \
+    timeout --kill-after=5 55 ncu --target-processes all --nvtx --nvtx-include "second/" \
         --kernel-name regex:"_conv_bias_act_kernel|_pointwise_bottleneck_kernel" --launch-count 8 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis \
         --csv "$PY" -c "$TARGET" >"$OUT_DIR/ncu.csv" 2>>"$OUT_DIR/followup.log"
     echo "[gpu_followup] ncu: rc=$?" | tee -a "$OUT_DIR/followup.log"
 else
-    timeout --kill-after=5 70 "$PY" -c "$TARGET" profile >"$OUT_DIR/kernels.txt" 2>>"$OUT_DIR/followup.log"
+    timeout --kill-after=5 55 "$PY" -c "$TARGET" profile >"$OUT_DIR/kernels.txt" 2>>"$OUT_DIR/followup.log"
     echo "[gpu_followup] no ncu: torch profiler table, rc=$?" | tee -a "$OUT_DIR/followup.log"
 fi

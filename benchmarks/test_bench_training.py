@@ -1,7 +1,9 @@
 """The training step of BagNet-33 (forward + backward + SGD step, float32, 10 classes): the
 official model's modules (``reference_forward``, NCHW) against bagnet_fast's training path
-(merged stem, channels-last), with gradient checkpointing of every stage, and with the
-elementwise checkpointing (only BatchNorm/ReLU/sums recomputed). One benchmark
+(merged stem, channels-last), with gradient checkpointing of every stage, of every block, and with the
+elementwise checkpointing (only BatchNorm/ReLU/sums recomputed). The allocators (glibc's kept
+blocks, bagnet_fast's caching allocator) are process-wide, so they are compared by
+benchmarks/training_speed.py, one process per configuration. One benchmark
 group per batch (batch 1 runs as 2: training BatchNorm needs 2 values per channel). FLOPs in extra_info are the reference forward's counted FLOPs x 3 (backward ~ 2x
 forward, the usual estimate; the training path does fewer); img/s is the comparable number.
 Memory is measured by benchmarks/training_speed.py (one process per configuration).
@@ -15,7 +17,7 @@ import torch
 import bagnet_fast
 from bagnet_fast import flops
 
-CONFIGS = ("official", "fast", "fast-checkpointing", "fast-elementwise-checkpointing")
+CONFIGS = ("official", "fast", "fast-checkpointing", "fast-block-checkpointing", "fast-elementwise-checkpointing")
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -26,8 +28,8 @@ def test_training_step(run_timed, images, settings, config, batch):
     model = bagnet_fast.bagnet33(num_classes=10).to(settings.device).train()
     forward = model.reference_forward if config == "official" else model
     model.channels_last = config != "official"
-    model.set_grad_checkpointing(config.endswith("checkpointing"),
-                                 recompute="elementwise" if "elementwise" in config else "stage")
+    recompute = "elementwise" if "elementwise" in config else "block" if "block" in config else "stage"
+    model.set_grad_checkpointing(config.endswith("checkpointing"), recompute=recompute)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     # BatchNorm in training mode needs 2 values per channel; at small sizes the last maps are 1x1.
     batch = max(batch, 2)

@@ -1,6 +1,7 @@
 """The training step (forward + backward + SGD step) of BagNet-33: the official model's (the
 reference modules, NCHW) against bagnet_fast's training path (channels-last, the default, and
-NCHW), and with per-stage gradient checkpointing; images/s and memory, CPU. Each configuration
+NCHW), with gradient checkpointing (per stage, per block, elementwise) and with allocator
+settings; images/s and memory, CPU. Each configuration
 runs in its own process, rounds alternate the configurations. Two memory numbers:
 
 - ``saved_for_backward_mib``: the bytes of the tensors autograd keeps for backward (one step,
@@ -26,13 +27,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# "+kept allocator": freed large blocks kept for reuse in that process (what the cpu backend's
-# inference plan sets, bagnet_fast/executors/cpu_memory.py), to see what the allocator alone does.
-# "+checkpointing": every stage recomputed in backward; "+elementwise checkpointing": only the
-# BatchNorms, ReLUs and sums (set_grad_checkpointing(recompute="elementwise")).
-CONFIGS = ("official", "fast", "fast NCHW", "fast+checkpointing", "fast+elementwise checkpointing",
-           "official+kept allocator", "fast+kept allocator", "fast+checkpointing+kept allocator",
-           "fast+elementwise checkpointing+kept allocator")
+# "+kept allocator": glibc keeps freed large blocks for reuse in that process (what the cpu
+# backend's inference plan sets, bagnet_fast/executors/cpu_memory.py); "+caching allocator":
+# bagnet_fast.enable_cpu_caching_allocator() (csrc/cpu/caching_allocator.cpp), to see what the
+# allocator alone does. "+checkpointing": every stage recomputed in backward; "+block
+# checkpointing": every block (recompute="block"); "+elementwise checkpointing": only the
+# BatchNorms, ReLUs and sums (recompute="elementwise").
+RECOMPUTE = {"checkpointing": "stage", "block checkpointing": "block", "elementwise checkpointing": "elementwise"}
+ALLOCATORS = ("kept allocator", "caching allocator")
+CONFIGS = ("official", "fast", "fast NCHW", "fast+checkpointing", "fast+block checkpointing",
+           "fast+elementwise checkpointing", "official+kept allocator", "fast+kept allocator",
+           "fast+checkpointing+kept allocator", "fast+elementwise checkpointing+kept allocator",
+           "official+caching allocator", "fast+caching allocator", "fast+checkpointing+caching allocator",
+           "fast+block checkpointing+caching allocator", "fast+elementwise checkpointing+caching allocator")
 
 
 def _rss_kib() -> int:
@@ -48,19 +55,21 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import bagnet_fast
 
-    if config.endswith("+kept allocator"):
+    parts = config.split("+")
+    if "kept allocator" in parts:
         from bagnet_fast.executors import cpu_memory
 
         cpu_memory.keep_freed_memory()
+    if "caching allocator" in parts:
+        bagnet_fast.enable_cpu_caching_allocator()
     torch.manual_seed(0)
     model = bagnet_fast.bagnet33(num_classes=10).train()
-    forward = model.reference_forward if config.startswith("official") else model
-    if config.startswith("official") or config == "fast NCHW":
+    forward = model.reference_forward if parts[0] == "official" else model
+    if parts[0] in ("official", "fast NCHW"):
         model.channels_last = False
-    if config.startswith("fast+checkpointing"):
-        model.set_grad_checkpointing(True)
-    if config.startswith("fast+elementwise checkpointing"):
-        model.set_grad_checkpointing(True, recompute="elementwise")
+    for part in parts[1:]:
+        if part in RECOMPUTE:
+            model.set_grad_checkpointing(True, recompute=RECOMPUTE[part])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
@@ -87,7 +96,10 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
-    return {"config": config, "batch": batch, "size": size, "seconds": times,
+    extra = {}
+    if "caching allocator" in parts:  # its counters after the steps (peak_live_bytes: live blocks >= 1 MiB)
+        extra["caching_allocator"] = bagnet_fast.executors.cpu_memory.caching_allocator_stats()
+    return {**extra, "config": config, "batch": batch, "size": size, "seconds": times,
             "images_per_second": batch / statistics.median(times),
             "peak_step_memory_mib": (peak - before) / 1024, "saved_for_backward_mib": sum(saved.values()) / 2**20,
             "threads": torch.get_num_threads()}

@@ -40,11 +40,24 @@ TORCH_LIBRARY(bagnet_fast, m) {
 
 namespace bagnet_fast {
 PyObject* tensor_states_list(PyObject* module, PyObject* args);  // csrc/plan_state.cpp
+// csrc/cpu/caching_allocator.cpp
+PyObject* cpu_caching_allocator_set(PyObject* module, PyObject* args);
+PyObject* cpu_caching_allocator_stats(PyObject* module, PyObject* args);
+PyObject* cpu_caching_allocator_empty_cache(PyObject* module, PyObject* args);
+PyObject* cpu_caching_allocator_reset_peak(PyObject* module, PyObject* args);
 }
 
 static PyMethodDef bagnet_fast_methods[] = {
     {"tensor_states_list", bagnet_fast::tensor_states_list, METH_VARARGS,
      "tensor_states_list(tensors: list, samples: int) -> Tensor: tensor_states without the dispatcher"},
+    {"cpu_caching_allocator_set", bagnet_fast::cpu_caching_allocator_set, METH_VARARGS,
+     "cpu_caching_allocator_set(enabled: bool, huge_pages: bool): install (once) / configure it"},
+    {"cpu_caching_allocator_stats", bagnet_fast::cpu_caching_allocator_stats, METH_NOARGS,
+     "cpu_caching_allocator_stats() -> dict"},
+    {"cpu_caching_allocator_empty_cache", bagnet_fast::cpu_caching_allocator_empty_cache, METH_NOARGS,
+     "cpu_caching_allocator_empty_cache() -> int: bytes unmapped"},
+    {"cpu_caching_allocator_reset_peak", bagnet_fast::cpu_caching_allocator_reset_peak, METH_NOARGS,
+     "cpu_caching_allocator_reset_peak() -> None"},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import bagnet_fast._C` loads this library, which registers the operators above.

@@ -38,7 +38,7 @@ def _conv_bias_act_kernel(
     m_bucket,  # size class of n_pixels: an autotuning key only, unused here
     inv_image_pixels,  # 1 / (Ho * Wo), for MEAN_OUTPUT
     KSIZE: tl.constexpr,  # kernel size k (1 or 3)
-    STRIDE: tl.constexpr,  # conv stride (1 or 2)
+    STRIDE: tl.constexpr,  # conv stride (1, 2, or 4 where the plan moved a stride up)
     FLAT_TAPS: tl.constexpr,  # reduce over (kh, kw, ci) flattened: for Cin·k·k <= BLOCK_K-ish (the stem's 27)
     HAS_RESIDUAL: tl.constexpr,  # add residual[:, :, :Ho, :Wo] before the activation
     HAS_DOWNSAMPLE: tl.constexpr,  # add the 1x1 GEMM d · Wdᵀ before the activation

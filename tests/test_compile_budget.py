@@ -91,3 +91,36 @@ def test_specialization_follows_the_jit_rules():
     x = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
     assert counter.specialize(x, True) == ("torch.bfloat16", "D")
     assert counter.specialize(x[:, 1:], True) == ("torch.bfloat16", "")  # 2-byte offset: unaligned
+
+
+def _compile_check():
+    """benchmarks/gpu_compile_check.py, imported without its unsetting of TRITON_INTERPRET
+    leaking into this process (the interpreter tests need it)."""
+    import os
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    try:
+        import gpu_compile_check
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return gpu_compile_check
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_sm90_compile_check_covers_every_conv_variant_the_plans_launch(dtype):
+    """Every constexpr combination of the conv kernel that a BagNet-9/17/33 forward launches is
+    compiled by the sm_90 check (BagNet-9's stride-4 conv, since the plan moves strides up, was
+    once missing from it)."""
+    check = _compile_check()
+    keys = check.VARIANT_CONSTEXPRS
+    checked = {tuple(str(consts[k]) for k in keys) for _, kernel, consts, _, _ in check.conv_jobs(dtype, quick=True)
+               if kernel is triton_ops._conv_kernels._conv_bias_act_kernel}
+    launched = set()
+    for name in ("bagnet9", "bagnet17", "bagnet33"):
+        plan = counter.meta_plan(name, counter.DTYPES[dtype])
+        for launch in counter.forward_launches(plan, 32):
+            consts = dict(launch.constexprs)
+            if "KSIZE" in consts:
+                launched.add(tuple(str(consts[k]) for k in keys))
+    assert launched and launched <= checked, sorted(launched - checked)

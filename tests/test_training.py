@@ -88,6 +88,15 @@ def test_gradient_checkpointing_per_stage_is_exact_and_counts_each_batch_once():
     _compare(small_bagnet(), 1e-4, checkpoint=(2,))
 
 
+def test_block_checkpointing_is_exact_and_counts_each_batch_once():
+    """recompute="block": each block's input stored, each block recomputed whole in backward (its
+    saved bytes, FLOPs and live peak: the tests below and test_cpu_memory.py)."""
+    torch.manual_seed(0)
+    _compare(make_model("bagnet33", num_classes=10).double().train(), 1e-10, batch=2, size=45,
+             checkpoint=(1, 2, 3, 4), recompute="block")
+    _compare(small_bagnet(), 1e-4, checkpoint=(1, 3), recompute="block")
+
+
 def test_elementwise_checkpointing_is_exact_and_recomputes_no_convolution():
     """recompute="elementwise": convolution outputs kept, BatchNorm/ReLU/sums recomputed; the same
     gradients and statistics, backward does the FLOPs of a plain backward (a stage recompute adds
@@ -99,7 +108,7 @@ def test_elementwise_checkpointing_is_exact_and_recomputes_no_convolution():
              checkpoint=(1, 2, 3, 4), recompute="elementwise")
     _compare(small_bagnet(), 1e-4, checkpoint=(2, 3), recompute="elementwise")
     flops, saved = {}, {}
-    for recompute in (None, "stage", "elementwise"):
+    for recompute in (None, "stage", "block", "elementwise"):
         torch.manual_seed(0)
         model = make_model("bagnet17", num_classes=10).train()
         model.set_grad_checkpointing(recompute is not None, recompute=recompute or "stage")
@@ -114,8 +123,8 @@ def test_elementwise_checkpointing_is_exact_and_recomputes_no_convolution():
         with FlopCounterMode(display=False) as counter:
             out.sum().backward()
         flops[recompute], saved[recompute] = counter.get_total_flops(), sum(storages.values())
-    assert flops["elementwise"] == flops[None] < flops["stage"]
-    assert saved["stage"] < saved["elementwise"] < 0.9 * saved[None], saved
+    assert flops["elementwise"] == flops[None] < flops["stage"] == flops["block"]
+    assert saved["stage"] < saved["block"] < saved["elementwise"] < 0.9 * saved[None], saved
     with pytest.raises(ValueError, match="recompute must be"):
         model.set_grad_checkpointing(True, recompute="everything")
     with pytest.raises(ValueError, match="stages must be among"):
@@ -183,7 +192,7 @@ def test_torch_compile_in_train_mode_without_graph_breaks():
     assert max(gradient_errors(grads, expected_grads).values()) <= 1e-4
 
 
-@pytest.mark.parametrize("recompute", ["stage", "elementwise"])
+@pytest.mark.parametrize("recompute", ["stage", "block", "elementwise"])
 def test_torch_compile_with_checkpointing(recompute):
     """Compiled, checkpointing is the graph's own recomputation: same gradients, statistics once."""
     model = small_bagnet()
@@ -258,3 +267,21 @@ def test_evidence_head_fine_tunes_end_to_end_in_train_mode():
     prediction, _, _ = model(torch.randn(2, 3, 30, 30))
     prediction.sum().backward()
     assert model.backbone.conv2.weight.grad is not None
+
+
+def test_gpu_training_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu_training.py (the GPU follow-up's training rows) end to end on the CPU:
+    every configuration measured, the loss of each fast row checked against the official one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_training.py"
+    result = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = json.loads((tmp_path / "gpu_training.json").read_text())
+    assert len(written["rows"]) == 6 and not written["skipped"]
+    checked = [s for s in written["summary"].values() if "loss_check" in s]
+    assert len(checked) == 4 and all(s["loss_check"] == "ok" for s in checked), written["summary"]
