@@ -79,6 +79,8 @@ def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     VM, the downsample BatchNorm of layer1.0 (4 x 256 x 111 x 111): 429 ms per backward with
     the slice, 57 ms with the padding; a BagNet-33 step at batch 4 spent 694 ms in BatchNorm
     backwards against the official (NCHW) modules' 158 ms."""
+    if x.shape[-2] < height or x.shape[-1] < width:  # a crop, never a padding
+        raise ValueError(f"residual {tuple(x.shape)} is smaller than the block's output ({height}, {width})")
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
     return x[:, :, :height, :width]
@@ -270,7 +272,7 @@ class BagNet(nn.Module):
         modules' against 0.53x for "stage", README "Fine-tuning"). ``"elementwise"``:
         every convolution's output is stored and only the BatchNorms, ReLUs and residual sums run
         again (no convolution is recomputed; each block stores its input and its convolutions'
-        outputs, not the BatchNorm/ReLU outputs). Both are exact: the same operations on the same
+        outputs, not the BatchNorm/ReLU outputs). All three are exact: the same operations on the same
         values, gradients and BatchNorm statistics equal to the reference's."""
         if recompute not in ("stage", "block", "elementwise"):
             raise ValueError(f"recompute must be 'stage', 'block' or 'elementwise', got {recompute!r}")

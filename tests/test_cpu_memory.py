@@ -58,6 +58,11 @@ def test_cache_chooses_the_caching_allocator_for_the_cpu_backend():
     before, backend, after = result.stdout.strip().splitlines()[-3:]
     assert before.startswith("not applied yet") and backend == "cpu"
     assert after.startswith("bagnet_fast's caching allocator (BAGNET_FAST_CPU_MALLOC=cache")
+    code = ("import os, torch, bagnet_fast; os.environ['BAGNET_FAST_CPU_MALLOC'] = 'cache'; "
+            "from bagnet_fast.executors import cpu_memory as cm; cm.keep_freed_memory(); "
+            "print(cm.caching_allocator_stats()['installed'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
 
 
 def test_public_call_applies_it_once_before_any_plan():
@@ -78,6 +83,7 @@ torch.manual_seed(0)
 model = bagnet_fast.bagnet17(num_classes=5).train()
 x = torch.randn(2, 3, 96, 96)
 kept_before = torch.randn(3 << 18)  # 3 MiB from c10's allocator, freed after the switch
+onednn_before = torch.randn(1 << 20).to_mkldnn()  # oneDNN's raw_allocate before, raw_deallocate after
 
 def step(model):
     model.zero_grad(set_to_none=True)
@@ -89,7 +95,7 @@ reference = copy.deepcopy(model)
 expected = step(reference)
 stats = bagnet_fast.enable_cpu_caching_allocator()
 assert stats["installed"] and stats["enabled"] and stats["live_bytes"] == 0, stats
-del kept_before
+del kept_before, onednn_before
 
 # A freed block is handed out again to a request of the same size.
 a = torch.empty(3 << 20, dtype=torch.uint8)

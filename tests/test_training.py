@@ -285,3 +285,20 @@ def test_gpu_training_benchmark_dry_run(tmp_path):
     assert len(written["rows"]) == 6 and not written["skipped"]
     checked = [s for s in written["summary"].values() if "loss_check" in s]
     assert len(checked) == 4 and all(s["loss_check"] == "ok" for s in checked), written["summary"]
+
+
+def test_channels_last_residual_crop_keeps_the_gradient_channels_last():
+    """models._crop: the values of a slice, but the gradient of a channels-last residual comes
+    back channels-last (a slice's backward gives NCHW, which sends the downsample BatchNorm's
+    backward to a 7.5x slower kernel); a residual smaller than the output is refused."""
+    from bagnet_fast.models import _crop
+
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grads = {}
+    x.register_hook(lambda g: grads.setdefault("x", g))
+    y = _crop(x * 1.0, 5, 6)
+    assert torch.equal(y, x[:, :, :5, :6])
+    y.backward(torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last))
+    assert grads["x"].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="smaller than"):
+        _crop(x, 8, 7)

@@ -116,13 +116,17 @@ def enable_caching_allocator(huge_pages: bool = True) -> dict:
     :func:`disable_caching_allocator` stops the caching and unmaps what is kept."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"the CPU caching allocator needs Linux (mmap, madvise), not {sys.platform}")
+    global _state
     _extension().cpu_caching_allocator_set(True, bool(huge_pages))
+    if _state is None:  # the cpu backend then leaves glibc's settings alone, and state() says why
+        _state = f"bagnet_fast's caching allocator (enable_cpu_caching_allocator; huge pages {'on' if huge_pages else 'off'})"
     return caching_allocator_stats()
 
 
 def disable_caching_allocator() -> dict:
     """Stop caching: kept blocks are unmapped, new blocks come from c10's allocator (glibc)."""
-    _extension().cpu_caching_allocator_set(False, True)
+    C = _extension()
+    C.cpu_caching_allocator_set(False, bool(C.cpu_caching_allocator_stats()["huge_pages"]))
     return caching_allocator_stats()
 
 

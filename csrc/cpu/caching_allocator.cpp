@@ -107,6 +107,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       void* ptr = it->ptr;
       const size_t block = it->size;
       lru_.erase(it);
+      if (bin->second.empty()) by_size_.erase(bin);  // no empty bins to walk past later
       cached_ -= block;
       return track_locked(ptr, block, /*hit=*/true);
     }
@@ -155,13 +156,15 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void evict_oldest_locked() {
     FreeBlock block = lru_.front();
-    auto& bin = by_size_[block.size];
+    auto found = by_size_.find(block.size);
+    auto& bin = found->second;
     for (auto it = bin.begin(); it != bin.end(); ++it) {
       if ((*it)->ptr == block.ptr) {
         bin.erase(it);
         break;
       }
     }
+    if (bin.empty()) by_size_.erase(found);
     lru_.pop_front();
     munmap(block.ptr, block.size);
     cached_ -= block.size;
