@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import bagnet_fast  # noqa: E402
+from bagnet_fast import timing  # noqa: E402
 
 # (name, uses the official modules, autocast dtype or None, checkpointing recompute or None)
 CONFIGS = (
@@ -40,11 +41,6 @@ CONFIGS = (
 # differently only in the merged stem (1e-4 in tests/test_training.py); bf16 autocast rounds
 # every convolution (8 mantissa bits), so only a gross error trips it.
 LOSS_BOUND = {None: 1e-4, torch.bfloat16: 5e-2}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -80,13 +76,7 @@ def measure(config, model_name: str, batch: int, size: int, steps: int, device: 
 
     _reset_peak(device)
     first_loss = float(step())  # also the warm-up (cuDNN's algorithm search)
-    times = []
-    for _ in range(steps):
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = timing.measure(step, device, 0, steps)
     return {"config": name, "model": model_name, "batch": batch, "size": size, "seconds": times,
             "images_per_second": batch / statistics.median(times), "peak_allocated_mib": _peak_mib(device),
             "first_loss": first_loss, "autocast": str(autocast_dtype) if autocast_dtype else None,

@@ -27,22 +27,7 @@ import torch.nn.functional as F
 import bagnet_fast
 from bagnet_fast import heatmap_padding
 from bagnet_fast.explain import dense_heatmap
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+from bagnet_fast.timing import measure, sync
 
 
 def per_patch_seconds(forward, image, target, q, batch, sample, device):
@@ -53,12 +38,12 @@ def per_patch_seconds(forward, image, target, q, batch, sample, device):
     total = patches.shape[0]
     count = total if sample is None else min(sample, total)
     forward(patches[:batch].contiguous())  # warm-up (plan, primitives)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for first in range(0, count, batch):
         chunk = patches[first : min(count, first + batch)].contiguous()
         forward(chunk)[:, target]
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, count, total
 
 
@@ -97,7 +82,7 @@ def main(argv=None) -> int:
     }
     with torch.inference_mode():
         dense_heatmap(model, image, target)  # warm-up
-        times = _timed(lambda: dense_heatmap(model, image, target), device, args.repeats)
+        times = measure(lambda: dense_heatmap(model, image, target), device, 0, args.repeats)
         result["dense_seconds"] = statistics.median(times)
         result["dense_times"] = times
         print(f"dense heatmap (shift-and-stitch): {result['dense_seconds']:.2f} s (median of {args.repeats})", flush=True)

@@ -68,12 +68,12 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     enabled_ = enabled;
     huge_pages_ = huge_pages;
-    if (!enabled) release_cached_locked(0);
+    if (!enabled) release_cached_locked();
   }
 
   size_t empty_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return release_cached_locked(0);
+    return release_cached_locked();
   }
 
   void reset_peak() {  // the statistic only: the bound of the cache stays the high-water mark
@@ -100,8 +100,9 @@ class CachingCPUAllocator final : public c10::Allocator {
     const size_t size = (n + granule - 1) / granule * granule;
     // Hit: the most recently freed block of the smallest cached size in [size, size * 5/4]
     // (a block is never split; what it has beyond the request counts as live).
-    for (auto bin = by_size_.lower_bound(size); bin != by_size_.end() && bin->first <= size + size / 4; ++bin) {
-      if (bin->second.empty()) continue;
+    // Bins are erased when they empty, so the first bin in range has a block.
+    auto bin = by_size_.lower_bound(size);
+    if (bin != by_size_.end() && bin->first <= size + size / 4) {
       auto it = bin->second.back();
       bin->second.pop_back();
       void* ptr = it->ptr;
@@ -116,7 +117,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     while (!lru_.empty() && live_ + cached_ + size > bound_) evict_oldest_locked();
     void* ptr = map(size);
     if (ptr == nullptr) {  // out of address space or memory: drop the cache and try once more
-      release_cached_locked(0);
+      release_cached_locked();
       ptr = map(size);
     }
     if (ptr == nullptr) {
@@ -171,9 +172,9 @@ class CachingCPUAllocator final : public c10::Allocator {
     evictions_ += 1;
   }
 
-  size_t release_cached_locked(size_t keep) {
+  size_t release_cached_locked() {
     size_t released = 0;
-    while (!lru_.empty() && cached_ > keep) {
+    while (!lru_.empty()) {
       released += lru_.front().size;
       evict_oldest_locked();
     }
