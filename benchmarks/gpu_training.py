@@ -12,7 +12,6 @@ checked against the official one's in the same dtype. Results are written after 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -25,8 +24,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-import bagnet_fast  # noqa: E402
-from bagnet_fast import timing  # noqa: E402
+from bagnet_fast import timing, training  # noqa: E402
 
 # (name, uses the official modules, autocast dtype or None, checkpointing recompute or None)
 CONFIGS = (
@@ -54,25 +52,11 @@ def _peak_mib(device: torch.device):
 
 def measure(config, model_name: str, batch: int, size: int, steps: int, device: torch.device) -> dict:
     name, official, autocast_dtype, recompute = config
-    torch.manual_seed(0)
-    model = getattr(bagnet_fast, model_name)(num_classes=10).to(device).train()
-    forward = model.reference_forward if official else model
-    model.channels_last = not official
-    if recompute:
-        model.set_grad_checkpointing(True, recompute=recompute)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model, forward = training.benchmark_model(model_name, official=official, recompute=recompute, device=device)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=generator).to(device)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
-    context = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with context():
-            loss = torch.nn.functional.cross_entropy(forward(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training.sgd_step(model, forward, x, y, autocast_dtype=autocast_dtype)
 
     _reset_peak(device)
     first_loss = float(step())  # also the warm-up (cuDNN's algorithm search)

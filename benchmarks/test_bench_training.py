@@ -14,8 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bagnet_fast
-from bagnet_fast import flops
+from bagnet_fast import flops, training
 
 CONFIGS = ("official", "fast", "fast-checkpointing", "fast-block-checkpointing", "fast-elementwise-checkpointing")
 
@@ -24,24 +23,15 @@ CONFIGS = ("official", "fast", "fast-checkpointing", "fast-block-checkpointing",
 def test_training_step(run_timed, images, settings, config, batch):
     if "float32" not in settings.dtypes:
         pytest.skip("the training step runs in float32 (autocast is the user's choice)")
-    torch.manual_seed(0)
-    model = bagnet_fast.bagnet33(num_classes=10).to(settings.device).train()
-    forward = model.reference_forward if config == "official" else model
-    model.channels_last = config != "official"
     recompute = "elementwise" if "elementwise" in config else "block" if "block" in config else "stage"
-    model.set_grad_checkpointing(config.endswith("checkpointing"), recompute=recompute)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model, forward = training.benchmark_model(
+        "bagnet33", official=config == "official", device=settings.device,
+        recompute=recompute if config.endswith("checkpointing") else None)
     # BatchNorm in training mode needs 2 values per channel; at small sizes the last maps are 1x1.
     batch = max(batch, 2)
     x = images(batch, "float32")
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(0)).to(settings.device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(forward(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training.sgd_step(model, forward, x, y)
 
     flop, moved = flops.total(flops.reference_layer_costs(model, x.shape, x.dtype))
     run_timed(step, images=batch, flops=3 * flop, bytes=3 * moved, group=f"train bagnet33 float32 b{batch}",

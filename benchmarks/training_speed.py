@@ -54,6 +54,7 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import bagnet_fast
+    from bagnet_fast import training
 
     parts = config.split("+")
     if "kept allocator" in parts:
@@ -62,22 +63,13 @@ def worker(config: str, batch: int, size: int, steps: int) -> dict:
         cpu_memory.keep_freed_memory()
     if "caching allocator" in parts:
         bagnet_fast.enable_cpu_caching_allocator()
-    torch.manual_seed(0)
-    model = bagnet_fast.bagnet33(num_classes=10).train()
-    forward = model.reference_forward if parts[0] == "official" else model
-    if parts[0] in ("official", "fast NCHW"):
-        model.channels_last = False
-    for part in parts[1:]:
-        if part in RECOMPUTE:
-            model.set_grad_checkpointing(True, recompute=RECOMPUTE[part])
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    recompute = [RECOMPUTE[part] for part in parts[1:] if part in RECOMPUTE]
+    model, forward = training.benchmark_model(
+        "bagnet33", official=parts[0] == "official", channels_last=parts[0] == "fast",
+        recompute=recompute[0] if recompute else None)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(forward(x), y).backward()
-        optimizer.step()
+    step = training.sgd_step(model, forward, x, y)
 
     before = _rss_kib()
     step()  # warm-up: allocator, oneDNN primitives, optimizer state
