@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +350,13 @@ def test_gpu_check_phases_merge_into_one_result(tmp_path):
     _gpu_check(tmp_path, "--rerun-failed", "--only", "reference")  # both reference rows have results
     rerun = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["median_s"] for r in rerun["rows"]] == [r["median_s"] for r in data["rows"]]
+
+
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "benchmarks/gpu_followup.sh", "scripts/setup.sh",
+                                    "scripts/test.sh", "scripts/quickstart.sh"])
+def test_shell_scripts_parse(script):
+    """The GPU run's scripts get one try on a machine lent for minutes: a syntax error there (an
+    unclosed quote, a stray fi) would cost the slot. ``bash -n`` parses without running."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
