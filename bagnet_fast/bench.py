@@ -11,6 +11,7 @@ read on another. Writes ``bench.json`` and, when matplotlib is installed, ``benc
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -65,18 +66,23 @@ def _implementations(args, device, dtype) -> Dict[str, dict]:
 
 
 def _peer_implementations(model, shape, device, dtype, costs) -> Dict[str, dict]:
-    """ONNX Runtime and OpenVINO on the reference graph (CPU, float32 input): bagnet_fast.peers."""
+    """ONNX Runtime and OpenVINO on the reference graph (bagnet_fast.peers), on CPUs: in a float32
+    bench all of them, in a bfloat16 bench OpenVINO bf16 (the float32 graph compiled with its
+    bf16 inference hint, as an OpenVINO user runs bf16; it takes the bf16 images as float32)."""
     from . import peers
 
-    if device.type != "cpu" or dtype != torch.float32:
-        print("--peers: the peers run float32 on CPUs only; no peer rows")
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        print("--peers: the peers run on CPUs in float32 or bfloat16 only; no peer rows")
         return {}
+    precision = str(dtype).replace("torch.", "")
+    graph = model if dtype == torch.float32 else copy.deepcopy(model).float()
     impls = {}
-    for row in peers.peer_implementations(model, shape):
+    for row in peers.peer_implementations(graph, shape, only_precision=precision):
         if row["fn"] is None:
             print(f"--peers: {row['name']}: {row['note']}")
             continue
-        impls[row["name"]] = {"fn": row["fn"], "costs": costs, "precision": row["precision"],
+        fn = row["fn"] if dtype == torch.float32 else (lambda x, fn=row["fn"]: fn(x.float()).to(dtype))
+        impls[row["name"]] = {"fn": fn, "costs": costs, "precision": row["precision"],
                               "setup_seconds": row["setup_seconds"], "note": row["note"]}
     return impls
 
@@ -205,7 +211,10 @@ def run_bench(args) -> dict:
             rows[-1]["first_call_seconds"] = first
             # Every BagNet row checks itself against the reference on the same input.
             if not impl.get("other_network"):
-                rows[-1]["max_abs_diff_vs_reference"] = (fn(x).float() - expected).abs().max().item()
+                diff = (fn(x).float() - expected).abs().max().item()
+                rows[-1]["max_abs_diff_vs_reference"] = diff
+                # Relative to the largest reference logit: comparable across weights and dtypes.
+                rows[-1]["max_rel_diff_vs_reference"] = diff / max(expected.abs().max().item(), 1e-30)
             for key in ("precision", "setup_seconds", "note"):
                 if key in impl:
                     rows[-1][key] = impl[key]

@@ -154,14 +154,17 @@ def peer_runner(name: str, model: nn.Module, shape, threads: Optional[int] = Non
 
 
 def peer_implementations(model: nn.Module, shape, threads: Optional[int] = None,
-                         folder: Optional[str] = None) -> List[dict]:
-    """One row {"name", "fn", "precision", "setup_seconds", "note"} per peer in PEERS; a peer that
-    cannot run here has fn None and says why in "note". One ONNX export (into ``folder``,
-    default a temporary one) serves all of them; it is counted in the first row's setup."""
+                         folder: Optional[str] = None, only_precision: Optional[str] = None) -> List[dict]:
+    """One row {"name", "fn", "precision", "setup_seconds", "note"} per peer in PEERS (those
+    computing in ``only_precision``, "float32" or "bfloat16", if given); a peer that cannot run
+    here has fn None and says why in "note". One ONNX export (into ``folder``, default a
+    temporary one) serves all of them; it is counted in the first row's setup."""
     folder = folder or tempfile.mkdtemp(prefix="bagnet_fast_peers_")
     path = os.path.join(folder, "bagnet_reference_{}.onnx".format("x".join(map(str, shape))))
     rows: List[dict] = []
     for name, (_, precision) in PEERS.items():
+        if only_precision is not None and precision != only_precision:
+            continue
         problem = why_not(name)
         if problem:
             rows.append({"name": name, "fn": None, "precision": precision, "note": f"not run: {problem}"})

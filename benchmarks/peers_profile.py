@@ -4,7 +4,7 @@ hook, bagnet_fast.profile.UnitTimer), both summed per stage (stem, layer1..4, he
 process, same input, medians over rounds. OpenVINO's counters also split its time by kernel
 (exec_type, e.g. brgconv_avx2_1x1, jit_avx2) and show the reorders between layouts.
 
-    python benchmarks/peers_profile.py --model bagnet33 --batch 1 --out benchmarks/results/<file>.json
+    python benchmarks/peers_profile.py --model bagnet33 --batch 1 [--bf16] --out benchmarks/results/<file>.json
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def stage_of(name: str) -> str:
     return "head" if re.search(r"head|fc|Gemm|MatMul|ReduceMean|GlobalAveragePool|Flatten|logits", name) else "stem"
 
 
-def openvino_profile(path: str, x: torch.Tensor, rounds: int, threads: int):
+def openvino_profile(path: str, x: torch.Tensor, rounds: int, threads: int, precision: str = "f32"):
     import openvino as ov
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": precision, "PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY"})  # one synchronous request: see bagnet_fast/peers.py
     request = compiled.create_infer_request()
     data = x.numpy()
@@ -90,11 +90,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="ours in bf16 (bf16 weights and images) against OpenVINO bf16")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if Path(args.out).exists():
         raise SystemExit(f"{args.out} exists: choose another --out (results are never overwritten)")
-    problem = peers.why_not("openvino fp32 (reference graph)")
+    problem = peers.why_not(f"openvino {'bf16' if args.bf16 else 'fp32'} (reference graph)")
     if problem:
         raise SystemExit(f"OpenVINO: {problem}")
     torch.manual_seed(0)
@@ -102,14 +103,16 @@ def main() -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
     # Ours first: OpenVINO's worker threads keep spinning for a while after each request.
-    our_stages, our_total = ours_profile(model, x, args.rounds)
+    ours = model.to(torch.bfloat16) if args.bf16 else model
+    our_stages, our_total = ours_profile(ours, x.to(ours.conv1.weight.dtype), args.rounds)
+    model = model.float()  # the ONNX export: the float32 reference graph (OpenVINO converts to bf16 itself)
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "reference.onnx")
         peers.export_onnx(model, tuple(x.shape), path)
-        ov_stages, ov_kernels, ov_total = openvino_profile(path, x, args.rounds, threads)
+        ov_stages, ov_kernels, ov_total = openvino_profile(path, x, args.rounds, threads, "bf16" if args.bf16 else "f32")
     stages = sorted(set(ov_stages) | set(our_stages), key=lambda s: ("stem", "layer1", "layer2", "layer3", "layer4", "head").index(s))
     table = {s: {"bagnet_fast_ms": 1e3 * our_stages.get(s, 0.0), "openvino_ms": 1e3 * ov_stages.get(s, 0.0)} for s in stages}
-    result = {"model": args.model, "batch": args.batch, "size": args.size, "cpu": timing.cpu_name(), "threads": threads,
+    result = {"model": args.model, "dtype": "bfloat16" if args.bf16 else "float32", "batch": args.batch, "size": args.size, "cpu": timing.cpu_name(), "threads": threads,
               "torch": torch.__version__, "versions": peers.versions(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(sys.argv), "stages": table,
               "total_ms": {"bagnet_fast (with per-unit syncs)": 1e3 * our_total, "openvino (with PERF_COUNT)": 1e3 * ov_total},

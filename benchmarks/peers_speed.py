@@ -14,13 +14,14 @@ setting). A pause of PAUSE_S between calls lets the previous implementation's th
 spinning: OpenVINO's idle workers spin for several hundred ms and, with 0.05 s or 0.3 s pauses,
 bagnet_fast ran at a third to a half of its speed in the call after an OpenVINO call.
 
-    python benchmarks/peers_speed.py --models bagnet9,bagnet17,bagnet33 --batches 1,2,8 \\
+    python benchmarks/peers_speed.py --models bagnet9,bagnet17,bagnet33 --batches 1,2,8 [--bf16] \\
         --out benchmarks/results/<file>.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import statistics
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import bagnet_fast  # noqa: E402
 from bagnet_fast import peers, timing  # noqa: E402
+from bagnet_fast.plan import get_plan  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
 
 
@@ -56,6 +58,11 @@ def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_pat
     notes = {}
     if implementation == "reference eager NCHW":
         fn = model.reference_forward
+    elif implementation == "reference eager bf16 NCHW":
+        # PyTorch's own bf16 (model.to(torch.bfloat16), bf16 images): the error yardstick of the
+        # fast bf16 plan, and what a PyTorch user would try first.
+        model = model.to(torch.bfloat16)
+        fn = lambda images: model.reference_forward(images.bfloat16()).float()  # noqa: E731
     else:
         peer = peers.peer_runner(implementation, model, tuple(x.shape), threads, onnx_path)
         fn = peer["fn"]
@@ -69,13 +76,13 @@ def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_pat
             conn.send(time.perf_counter() - start)
 
 
-def measure_case(name, batch, size, rounds, folder):
+def measure_case(name, batch, size, rounds, folder, bf16=False):
     model, x = make_case(name, batch, size)
     threads = torch.get_num_threads()
     onnx_path = str(Path(folder) / f"{name}-{batch}x{size}.onnx")
     peers.export_onnx(model, tuple(x.shape), onnx_path)  # once, before any plan (no allocator setting yet)
     context = multiprocessing.get_context("spawn")
-    others = ["reference eager NCHW"]
+    others = ["reference eager NCHW"] + (["reference eager bf16 NCHW"] if bf16 else [])
     for peer in peers.PEERS:
         problem = peers.why_not(peer)
         if problem:
@@ -91,20 +98,30 @@ def measure_case(name, batch, size, rounds, folder):
     for implementation, (conn, _) in workers.items():
         outputs[implementation], notes[implementation] = conn.recv()
 
-    def run_fast():
+    # bagnet_fast's rows run in this process: fp32, and with --bf16 the same weights in bf16 on
+    # bf16 images (the cpu backend's bf16 plan where the CPU has bf16 units).
+    ours = {"bagnet_fast": (model, x)}
+    if bf16:
+        ours["bagnet_fast bf16"] = (copy.deepcopy(model).to(torch.bfloat16), x.bfloat16())
+    backends_ran = {}
+
+    def run_fast(implementation):
+        fast, images = ours[implementation]
         start = time.perf_counter()
-        model(x)
+        fast(images)
         return time.perf_counter() - start
 
-    times = {implementation: [] for implementation in ["bagnet_fast", *others]}
+    times = {implementation: [] for implementation in [*ours, *others]}
     with torch.inference_mode():
-        outputs["bagnet_fast"] = model(x).numpy()
-        model(x)  # warm-up
+        for implementation, (fast, images) in ours.items():
+            outputs[implementation] = fast(images).float().numpy()
+            fast(images)  # warm-up
+            backends_ran[implementation] = get_plan(fast).backend.name
         for _ in range(rounds):
             for implementation in times:
                 time.sleep(PAUSE_S)
-                if implementation == "bagnet_fast":
-                    times[implementation].append(run_fast())
+                if implementation in ours:
+                    times[implementation].append(run_fast(implementation))
                 else:
                     conn = workers[implementation][0]
                     conn.send("run")
@@ -113,11 +130,24 @@ def measure_case(name, batch, size, rounds, folder):
         conn.send("stop")
         process.join()
     expected = torch.from_numpy(outputs["reference eager NCHW"])
-    rows = {impl: {"seconds": t, "images_per_second": batch / statistics.median(t),
-                   "max_abs_diff_vs_reference": (torch.from_numpy(outputs[impl]) - expected).abs().max().item(),
-                   **notes.get(impl, {})} for impl, t in times.items()}
+    scale = expected.abs().max().item()
+    rows = {}
+    for impl, t in times.items():
+        output = torch.from_numpy(outputs[impl])
+        rows[impl] = {"seconds": t, "images_per_second": batch / statistics.median(t),
+                      "max_abs_diff_vs_reference": (output - expected).abs().max().item(),
+                      "max_rel_diff_vs_reference": (output - expected).abs().max().item() / scale,
+                      "top1_agreement_vs_reference": (output.argmax(1) == expected.argmax(1)).float().mean().item(),
+                      **notes.get(impl, {})}
+        if impl in backends_ran:
+            rows[impl]["backend"] = backends_ran[impl]
     fast = rows["bagnet_fast"]["images_per_second"]
-    ratios = {f"fast / {impl}": fast / row["images_per_second"] for impl, row in rows.items() if impl != "bagnet_fast"}
+    ratios = {f"fast / {impl}": fast / row["images_per_second"] for impl, row in rows.items() if impl not in ours}
+    if bf16:
+        fast16 = rows["bagnet_fast bf16"]["images_per_second"]
+        ratios.update({f"fast bf16 / {impl}": fast16 / rows[impl]["images_per_second"]
+                       for impl in ("reference eager bf16 NCHW", "openvino bf16 (reference graph)", "bagnet_fast")
+                       if impl in rows})
     return {"model": name, "batch": batch, "size": size, "rows": rows, "ratios": ratios}
 
 
@@ -127,6 +157,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2,8")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true",
+                        help="add bagnet_fast in bf16 and the reference modules in bf16 (OpenVINO bf16 runs whenever the CPU has bf16 units)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -140,7 +172,7 @@ def main() -> int:
     try:
         for name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                case = measure_case(name, batch, args.size, args.rounds, folder)
+                case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16)
                 result["cases"].append(case)
                 rates = ", ".join(f"{impl} {row['images_per_second']:.2f}" for impl, row in case["rows"].items())
                 ratios = ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items())

@@ -46,10 +46,29 @@ def test_report_lists_every_backend_with_a_reason():
     assert report["triton"]["automatic"] is False  # never chosen automatically for CPU tensors
     assert bagnet_fast.backends("cpu", torch.float64)["cpu"]["reason"].startswith("the cpu backend computes in float32")
     assert list(bagnet_fast.backends("cuda"))[:3] == ["triton", "cuda", "torch"]
-    # A bf16 model falls back with the reason, naming what this CPU has.
-    bf16 = bagnet_fast.backends("cpu", torch.bfloat16)["cpu"]["reason"]
-    units = "available" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "not available"
-    assert f"this CPU: {torch.backends.cpu.get_cpu_capability()}, oneDNN bfloat16 kernels {units}" in bf16
+    # A bf16 model runs on the cpu backend where the CPU has bf16 units, else falls back with the
+    # reason; an fp16 one always falls back, naming what this CPU has.
+    bf16 = bagnet_fast.backends("cpu", torch.bfloat16)["cpu"]
+    has_units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert bf16["available"] is bool(has_units and torch.ops.mkldnn._is_mkldnn_bf16_supported()), bf16
+    if not has_units:
+        assert bf16["reason"].startswith("bfloat16 on the cpu backend needs AVX512-BF16 or AMX units")
+    fp16 = bagnet_fast.backends("cpu", torch.float16)["cpu"]["reason"]
+    units = "available" if torch.ops.mkldnn._is_mkldnn_fp16_supported() else "not available"
+    assert f"this CPU: {torch.backends.cpu.get_cpu_capability()}, oneDNN float16 kernels {units}" in fp16
+
+
+def test_bf16_on_a_cpu_without_bf16_units_falls_back_with_the_reason(monkeypatch, registry):
+    """What a user with an AVX2 CPU gets from model.to(torch.bfloat16): the torch backend, with a
+    warning that says why (simulated here by hiding this CPU's units)."""
+    from bagnet_fast.executors import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "_cpu_flag", lambda name: False)
+    ok, reason = executors.available("cpu", "cpu", torch.bfloat16)
+    assert not ok and "needs AVX512-BF16 or AMX units; this CPU has neither" in reason
+    with pytest.warns(UserWarning, match="using the pure-PyTorch backend on cpu/torch.bfloat16: cpu: bfloat16 on the cpu"):
+        backend = executors.select(None, "cpu", torch.bfloat16)
+    assert backend.name == "torch" or backend.current.name == "torch"
 
 
 def test_asking_for_an_unusable_or_unknown_backend_raises_with_the_reason():

@@ -1,6 +1,8 @@
 """The ``cpu`` backend: oneDNN convolutions with fused bias/ReLU/residual post-ops on weights
 prepacked for each input shape, and our C++ ``pointwise_bottleneck_`` (bagnet_fast._C), which
-runs a whole 1x1-only block in place. float32 on CPU tensors."""
+runs a whole 1x1-only block in place. float32 on CPU tensors, and bfloat16 on CPUs with
+AVX512-BF16 or AMX units: the same plan on bf16 activations and weights, oneDNN accumulating in
+fp32 and rounding each unit's output to bf16 once (PyTorch's bf16 rounds after every op)."""
 
 from __future__ import annotations
 
@@ -20,22 +22,48 @@ def _probe(device: torch.device, dtype: torch.dtype):
         return "this torch build has no oneDNN (mkldnn)"
     if not has_op("pointwise_bottleneck", "CPU"):
         return f"the C++ extension bagnet_fast._C is not loaded ({_extension.load_error()})"
+    if dtype == torch.bfloat16:
+        return bf16_units_missing()
+    return None
+
+
+def _cpu_flag(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)  # private probes: absent in some torch versions
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def bf16_units_missing() -> "str | None":
+    """None if this CPU has bf16 dot-product units (AVX512-BF16 or AMX) and oneDNN uses them, else
+    why the bf16 plan does not run here. Without those units oneDNN would convert bf16 to fp32
+    around fp32 kernels (AVX-512 without BF16) or refuse (AVX2): no faster than the fp32 plan."""
+    units = [name for name, flag in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+             if _cpu_flag(flag)]
+    if not units:
+        return (f"bfloat16 on the cpu backend needs AVX512-BF16 or AMX units; this CPU has neither "
+                f"(torch: {torch.backends.cpu.get_cpu_capability()})")
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (RuntimeError, AttributeError):
+        onednn = False
+    if not onednn:
+        return f"this CPU has {'/'.join(units)} but torch's oneDNN reports no bfloat16 support"
     return None
 
 
 def _dtype_note(dtype: torch.dtype) -> str:
-    """Why a reduced-precision model does not run here, with what this CPU could do: oneDNN's
-    bf16/fp16 convolutions need AVX512-BF16/AMX (AVX512-FP16/AMX-FP16) units."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    """Why a float16 model does not run here, with what this CPU could do (oneDNN's fp16
+    convolutions need AVX512-FP16/AMX-FP16 units)."""
+    if dtype != torch.float16:
         return ""
     capability = torch.backends.cpu.get_cpu_capability()
-    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     try:  # looked up here: a torch without the probe raises AttributeError
-        has_units = bool(getattr(torch.ops.mkldnn, probe)())
+        has_units = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (RuntimeError, AttributeError):
         has_units = False
-    kind = str(dtype).replace("torch.", "")
-    return (f"no fused {kind} CPU plan is built yet; this CPU: {capability}, oneDNN {kind} kernels "
+    return (f"no fused float16 CPU plan is built; this CPU: {capability}, oneDNN float16 kernels "
             f"{'available' if has_units else 'not available'}")
 
 
@@ -134,7 +162,7 @@ register_backend(BackendInfo(
     load=lambda: CpuBackend,
     summary="oneDNN convolutions + C++ fused ops",
     devices=("cpu",),
-    dtypes=(torch.float32,),
+    dtypes=(torch.float32, torch.bfloat16),
     preference={"cpu": 0},
     probe=_probe,
     dtype_note=_dtype_note,
