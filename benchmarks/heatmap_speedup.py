@@ -2,7 +2,7 @@
 separately (the authors' tool: cut out all H*W zero-padded q x q patches, run them in batches
 of 1000), same device, same process.
 
-    python benchmarks/heatmap_speedup.py --model bagnet33 --size 224 --sample-patches 5000
+    python benchmarks/heatmap_speedup.py --model bagnet33 --size 224 --sample-patches 5000 [--dtype bfloat16]
 
 The per-patch method is timed on the reference forward (what the authors' tool runs) and on
 bagnet_fast's plan (the same per-patch algorithm on our kernels). ``--sample-patches N`` times
@@ -14,6 +14,7 @@ also counts the FLOPs of both methods with torch.utils.flop_counter (torch backe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed dense runs (after one warm-up)")
     parser.add_argument("--batch", type=int, default=1000, help="patches per batch (the authors' tool: 1000)")
     parser.add_argument("--sample-patches", type=int, default=None, help="time only the first N patches, scale to all")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="of the dense heatmap and the per-patch bagnet_fast run (the authors' per-patch "
+                             "tool stays float32); bfloat16 also reports the heatmap's error against float32's")
     parser.add_argument("--count-flops", action="store_true")
     parser.add_argument("--out", default=None, help="JSON file to write (refuses to overwrite)")
     args = parser.parse_args(argv)
@@ -74,20 +78,30 @@ def main(argv=None) -> int:
     q = model.patch_size
     image = torch.randn(1, 3, args.size, args.size, device=device)
     target = 0
+    dtype = getattr(torch, args.dtype)
+    fast = copy.deepcopy(model).to(dtype)
     result = {
-        "model": args.model, "size": args.size, "device": str(device), "dtype": "float32",
+        "model": args.model, "size": args.size, "device": str(device), "dtype": args.dtype,
         "torch": torch.__version__, "bagnet_fast": bagnet_fast.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
     }
     with torch.inference_mode():
-        dense_heatmap(model, image, target)  # warm-up
-        times = measure(lambda: dense_heatmap(model, image, target), device, 0, args.repeats)
+        heatmap = dense_heatmap(fast, image.to(dtype), target)  # warm-up
+        times = measure(lambda: dense_heatmap(fast, image.to(dtype), target), device, 0, args.repeats)
         result["dense_seconds"] = statistics.median(times)
         result["dense_times"] = times
-        print(f"dense heatmap (shift-and-stitch): {result['dense_seconds']:.2f} s (median of {args.repeats})", flush=True)
-        for name, forward in (("reference", model.reference_forward), ("bagnet_fast", model)):
-            seconds, timed, total = per_patch_seconds(forward, image, target, q, args.batch, args.sample_patches, device)
+        print(f"dense heatmap (shift-and-stitch, {args.dtype}): {result['dense_seconds']:.2f} s "
+              f"(median of {args.repeats})", flush=True)
+        if dtype != torch.float32:
+            exact = dense_heatmap(model, image, target).double()
+            result["dense_max_rel_err_vs_float32"] = ((heatmap.double() - exact).abs().max() / exact.abs().max()).item()
+            result["dense_backend"] = bagnet_fast.get_plan(fast).backend.name
+            print(f"  max |bf16 - fp32| / max |fp32| of the heatmap: {result['dense_max_rel_err_vs_float32']:.2e} "
+                  f"({result['dense_backend']} backend)", flush=True)
+        inputs = {"reference": (model.reference_forward, image), "bagnet_fast": (fast, image.to(dtype))}
+        for name, (forward, picture) in inputs.items():
+            seconds, timed, total = per_patch_seconds(forward, picture, target, q, args.batch, args.sample_patches, device)
             scaled = seconds * total / timed
             result[f"per_patch_{name}"] = {
                 "seconds_timed": seconds, "patches_timed": timed, "patches_total": total,

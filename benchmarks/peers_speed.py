@@ -51,8 +51,9 @@ def make_case(name: str, batch: int, size: int):
 
 
 def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_path: str, threads: int) -> None:
-    """Builds ``implementation`` (the reference or a peer), answers each "run" with the seconds
-    of one call, "stop" ends it. The first message: (logits, precision/setup notes)."""
+    """Builds ``implementation`` (the reference or a peer); each message n runs n untimed calls
+    and answers with the seconds of one more call, "stop" ends it. The first message it sends:
+    (logits, precision/setup notes)."""
     torch.set_num_threads(threads)
     model, x = make_case(name, batch, size)
     notes = {}
@@ -70,13 +71,18 @@ def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_pat
     with torch.inference_mode():
         conn.send((fn(x).numpy(), notes))
         fn(x)  # warm-up
-        while conn.recv() == "run":
+        while True:
+            message = conn.recv()
+            if message == "stop":
+                break
+            for _ in range(message):  # the turn's untimed calls (--warm-calls)
+                fn(x)
             start = time.perf_counter()
             fn(x)
             conn.send(time.perf_counter() - start)
 
 
-def measure_case(name, batch, size, rounds, folder, bf16=False):
+def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0):
     model, x = make_case(name, batch, size)
     threads = torch.get_num_threads()
     onnx_path = str(Path(folder) / f"{name}-{batch}x{size}.onnx")
@@ -107,6 +113,8 @@ def measure_case(name, batch, size, rounds, folder, bf16=False):
 
     def run_fast(implementation):
         fast, images = ours[implementation]
+        for _ in range(warm_calls):
+            fast(images)
         start = time.perf_counter()
         fast(images)
         return time.perf_counter() - start
@@ -124,7 +132,7 @@ def measure_case(name, batch, size, rounds, folder, bf16=False):
                     times[implementation].append(run_fast(implementation))
                 else:
                     conn = workers[implementation][0]
-                    conn.send("run")
+                    conn.send(warm_calls)
                     times[implementation].append(conn.recv())
     for conn, process in workers.values():
         conn.send("stop")
@@ -159,12 +167,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bf16", action="store_true",
                         help="add bagnet_fast in bf16 and the reference modules in bf16 (OpenVINO bf16 runs whenever the CPU has bf16 units)")
+    parser.add_argument("--warm-calls", type=int, default=0,
+                        help="untimed calls before the timed one in each turn: 0 times a call after the "
+                             "pause, with caches holding the previous implementation's data; 1 or more "
+                             "times back-to-back calls, as a loop over batches runs them")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} exists: choose another --out (results are never overwritten)")
-    result = {"cpu": timing.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"warm_calls": args.warm_calls, "cpu": timing.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "versions": peers.versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
               "cases": []}
     folder = str(out.parent / (out.stem + "-onnx-tmp"))
@@ -172,7 +184,7 @@ def main() -> int:
     try:
         for name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16)
+                case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16, args.warm_calls)
                 result["cases"].append(case)
                 rates = ", ".join(f"{impl} {row['images_per_second']:.2f}" for impl, row in case["rows"].items())
                 ratios = ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items())
