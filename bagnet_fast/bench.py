@@ -31,6 +31,7 @@ __all__ = ["run_bench", "add_arguments", "main"]
 # Brendel & Bethge (2019), on their 2018 GPU: BagNet-33 155 img/s vs ResNet-50 570 img/s. It is
 # the FLOP ratio (8.2 / 32.5 GFLOP = 0.25) at equal efficiency; the bench measures both here.
 PAPER_IMAGES_PER_SECOND = {"bagnet33": 155.0, "resnet50": 570.0}
+PEER_PAUSE_S = 1.0  # after each peer row (see _peer_implementations)
 
 def _implementations(args, device, dtype) -> Dict[str, dict]:
     """name -> {"fn": images -> output, "costs": counted per-batch (FLOPs, bytes)}; the fast rows
@@ -49,6 +50,12 @@ def _implementations(args, device, dtype) -> Dict[str, dict]:
             "costs": reference_cost,
         },
     }
+    # The peers before the fast rows: the cpu backend's first plan sets the process's allocator
+    # (executors/cpu_memory.py), and OpenVINO beside that setting ran BagNet-33 at batch 8 at
+    # 4.53 instead of 5.92 img/s (benchmarks/results/2026-12-02-s5-cpu-avx2-2core-peers/); the
+    # rows before it run as each would alone. benchmarks/peers_speed.py runs each in its own process.
+    if getattr(args, "peers", False):
+        impls.update(_peer_implementations(model, shape, device, dtype, reference_cost))
     for backend in _fast_backends(args, device, dtype):
         fast = getattr(_models, args.model)().to(device=device, dtype=dtype).eval()
         fast.load_state_dict(model.state_dict())
@@ -58,8 +65,6 @@ def _implementations(args, device, dtype) -> Dict[str, dict]:
         impls[name] = {"fn": fast, "plan_costs": lambda fast=fast: _fast_costs(fast, shape, dtype)}
     if args.compile:
         impls["reference torch.compile"] = {"fn": torch.compile(model.reference_forward), "costs": reference_cost}
-    if getattr(args, "peers", False):
-        impls.update(_peer_implementations(model, shape, device, dtype, reference_cost))
     if args.resnet:
         impls.update(_resnet_implementations(shape, device, dtype))
     return impls
@@ -82,7 +87,9 @@ def _peer_implementations(model, shape, device, dtype, costs) -> Dict[str, dict]
             print(f"--peers: {row['name']}: {row['note']}")
             continue
         fn = row["fn"] if dtype == torch.float32 else (lambda x, fn=row["fn"]: fn(x.float()).to(dtype))
-        impls[row["name"]] = {"fn": fn, "costs": costs, "precision": row["precision"],
+        # pause_s: OpenVINO's and ONNX Runtime's idle worker threads spin for several hundred ms
+        # after a call and slowed the next row's first calls to a third of their speed.
+        impls[row["name"]] = {"fn": fn, "costs": costs, "precision": row["precision"], "pause_s": PEER_PAUSE_S,
                               "setup_seconds": row["setup_seconds"], "note": row["note"]}
     return impls
 
@@ -218,6 +225,7 @@ def run_bench(args) -> dict:
             for key in ("precision", "setup_seconds", "note"):
                 if key in impl:
                     rows[-1][key] = impl[key]
+            time.sleep(impl.get("pause_s", 0.0))
             r = rows[-1]
             print(f"  {name:45s} {r['images_per_second']:9.2f} img/s {r['tflops_per_s']:8.3f} TFLOP/s "
                   f"({r['percent_of_matmul_peak']:5.1f} % of GEMM peak) {r['gbytes_per_s']:7.1f} GB/s", flush=True)

@@ -48,12 +48,14 @@ class Settings:
     compile: bool
 
     def peers(self, dtype: str) -> Tuple[str, ...]:
-        """The CPU peers (bagnet_fast.peers) that can run here: float32 input on CPUs only."""
-        if self.device != "cpu" or dtype != "float32":
+        """The CPU peers (bagnet_fast.peers) that can run here and compute in ``dtype``: float32
+        (ONNX Runtime, OpenVINO fp32) or bfloat16 (OpenVINO bf16 where the CPU has bf16 units)."""
+        if self.device != "cpu" or dtype not in ("float32", "bfloat16"):
             return ()
         from bagnet_fast import peers
 
-        return tuple(peers.PEER_IDS[name] for name in peers.PEERS if peers.why_not(name) is None)
+        return tuple(peers.PEER_IDS[name] for name, (_, precision) in peers.PEERS.items()
+                     if precision == dtype and peers.why_not(name) is None)
 
     def fast_backends(self, dtype: str) -> Tuple[str, ...]:
         """The backends that can run here for real (the Triton interpreter is a test tool)."""

@@ -2,9 +2,10 @@
 
 Implementations: the reference forward (eager, NCHW: what users of the authors' code run; and
 channels-last), the fast plan with each backend that can run here, and ``torch.compile`` of the
-reference with ``--bagnet-compile``, and on CPUs in float32 the peers that are installed
-(``peer-onnxruntime``, ``peer-openvino-fp32``, ``peer-openvino-bf16`` where the CPU has bf16
-units: bagnet_fast.peers, the reference graph exported to ONNX once per shape). One benchmark group per (network, dtype, batch), so the
+reference with ``--bagnet-compile``, and on CPUs the peers that are installed, in the group of
+their precision (``peer-onnxruntime`` and ``peer-openvino-fp32`` in float32,
+``peer-openvino-bf16`` in bfloat16 where the CPU has bf16 units: bagnet_fast.peers, the
+reference graph exported to ONNX once per shape). One benchmark group per (network, dtype, batch), so the
 table compares implementations side by side. extra_info: img/s, TFLOP/s and GB/s from the FLOPs
 and bytes counted by bagnet_fast.flops (the reference's for reference rows, the plan's for the
 fast rows: the plan does fewer FLOPs, img/s is the comparable number).
@@ -32,11 +33,13 @@ def test_bagnet(run_timed, make_model, images, settings, variant, dtype_and_impl
     extra = {"network": variant, "implementation": implementation, "dtype": dtype, "batch": batch,
              "size": settings.size}
     if implementation.startswith("peer-"):  # ONNX Runtime / OpenVINO on the exported reference graph
-        model = make_model(variant, dtype)
+        # The float32 graph, as a user exports it; OpenVINO bf16 converts it under its bf16 hint
+        # and takes the bf16 group's images as float32.
+        model = make_model(variant, "float32")
         name = next(n for n, short in peers.PEER_IDS.items() if implementation == f"peer-{short}")
         peer = peers.peer_runner(name, model, tuple(x.shape))
         costs = flops.reference_layer_costs(model, x.shape, x.dtype)
-        fn = peer["fn"]
+        fn = peer["fn"] if x.dtype == torch.float32 else (lambda images: peer["fn"](images.float()))
         extra.update(precision=peer["precision"], setup_seconds=peer["setup_seconds"], note=peer["note"])
     elif implementation.startswith("fast-"):
         model = make_model(variant, dtype)
