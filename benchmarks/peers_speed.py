@@ -39,23 +39,32 @@ import bagnet_fast  # noqa: E402
 from bagnet_fast import peers, timing  # noqa: E402
 from bagnet_fast.plan import get_plan  # noqa: E402
 from conftest import randomize_batchnorm  # noqa: E402
+from test_dead_branches import dead_pattern_model  # noqa: E402
 
 
 PAUSE_S = 1.0  # between calls: OpenVINO's (TBB) and OpenMP workers spin for a while after their work
 
 
-def make_case(name: str, batch: int, size: int):
-    torch.manual_seed(0)
-    model = randomize_batchnorm(getattr(bagnet_fast, name)(), 0).eval()
+def make_case(name: str, batch: int, size: int, weights: str = "random"):
+    """weights "random": random convolutions, non-trivial BatchNorm statistics, no dead block;
+    "dead-pattern": BagNet-33 with the official weights' five dead blocks and one near-dead
+    (tests/test_dead_branches.py: dead_pattern_model), which the plan eliminates and the peers,
+    like the reference, compute."""
+    if weights == "dead-pattern":
+        model = dead_pattern_model(name)
+    else:
+        torch.manual_seed(0)
+        model = randomize_batchnorm(getattr(bagnet_fast, name)(), 0).eval()
     return model, torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_path: str, threads: int) -> None:
+def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_path: str, threads: int,
+           weights: str = "random") -> None:
     """Builds ``implementation`` (the reference or a peer); each message n runs n untimed calls
     and answers with the seconds of one more call, "stop" ends it. The first message it sends:
     (logits, precision/setup notes)."""
     torch.set_num_threads(threads)
-    model, x = make_case(name, batch, size)
+    model, x = make_case(name, batch, size, weights)
     notes = {}
     if implementation == "reference eager NCHW":
         fn = model.reference_forward
@@ -82,8 +91,8 @@ def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_pat
             conn.send(time.perf_counter() - start)
 
 
-def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0):
-    model, x = make_case(name, batch, size)
+def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0, weights="random"):
+    model, x = make_case(name, batch, size, weights)
     threads = torch.get_num_threads()
     onnx_path = str(Path(folder) / f"{name}-{batch}x{size}.onnx")
     peers.export_onnx(model, tuple(x.shape), onnx_path)  # once, before any plan (no allocator setting yet)
@@ -98,7 +107,7 @@ def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0):
     workers, outputs, notes = {}, {}, {}
     for implementation in others:
         ours, theirs = context.Pipe()
-        process = context.Process(target=worker, args=(theirs, implementation, name, batch, size, onnx_path, threads))
+        process = context.Process(target=worker, args=(theirs, implementation, name, batch, size, onnx_path, threads, weights))
         process.start()
         workers[implementation] = (ours, process)
     for implementation, (conn, _) in workers.items():
@@ -171,12 +180,16 @@ def main() -> int:
                         help="untimed calls before the timed one in each turn: 0 times a call after the "
                              "pause, with caches holding the previous implementation's data; 1 or more "
                              "times back-to-back calls, as a loop over batches runs them")
+    parser.add_argument("--weights", default="random", choices=("random", "dead-pattern"),
+                        help="dead-pattern: BagNet-33 with the official weights' dead blocks (see make_case)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.weights == "dead-pattern" and args.models != "bagnet33":
+        parser.error("--weights dead-pattern is the official BagNet-33 weights' pattern: use --models bagnet33")
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} exists: choose another --out (results are never overwritten)")
-    result = {"warm_calls": args.warm_calls, "cpu": timing.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"weights": args.weights, "warm_calls": args.warm_calls, "cpu": timing.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "versions": peers.versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
               "cases": []}
     folder = str(out.parent / (out.stem + "-onnx-tmp"))
@@ -184,7 +197,7 @@ def main() -> int:
     try:
         for name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16, args.warm_calls)
+                case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16, args.warm_calls, args.weights)
                 result["cases"].append(case)
                 rates = ", ".join(f"{impl} {row['images_per_second']:.2f}" for impl, row in case["rows"].items())
                 ratios = ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items())

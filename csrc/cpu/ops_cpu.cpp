@@ -128,13 +128,19 @@ void pointwise_bottleneck_inplace_cpu(const at::Tensor& x, const at::Tensor& w1,
 
   const at::Tensor pixels = x.permute({0, 2, 3, 1}).view({-1, channels});
   const auto& dnn = onednn();
-  if (dnn.available(x)) {
+  // bf16 only with prepacked (oneDNN) weights: with plain ones torch's in-place binary convolution
+  // falls back to conv + at::add_relu_, which has no bf16 CPU kernel (torch 2.14: "Unsupported
+  // datatype for add_relu"). The plan always prepacks; plain bf16 weights take the GEMMs below.
+  const bool packed = w1.is_mkldnn() && w2.is_mkldnn() && w3.is_mkldnn();
+  if (dnn.available(x) && (x.scalar_type() == at::kFloat || packed)) {
     const at::Tensor image = as_image(pixels);
     at::Tensor t = dnn.conv(image, w1, b1, /*relu=*/true);
     t = dnn.conv(t, w2, b2, /*relu=*/true);
     dnn.conv_add_relu_inplace(image, t, w3, b3);
   } else {  // other dtypes (float64, float16): plain GEMMs
-    TORCH_CHECK(!w1.is_mkldnn(), "bagnet_fast: prepacked weights need float32 or bfloat16 x");
+    TORCH_CHECK(!w1.is_mkldnn() && !w2.is_mkldnn() && !w3.is_mkldnn(),
+                "bagnet_fast: pointwise_bottleneck_: oneDNN-prepacked weights need float32 x, or "
+                "bfloat16 x with all three weights prepacked, on a CPU with oneDNN bf16 support");
     at::Tensor t = at::relu(at::addmm(b1, pixels, w1.flatten(1).t()));
     t = at::relu(at::addmm(b2, t, w2.flatten(1).t()));
     pixels.addmm_(t, w3.flatten(1).t()).add_(b3).clamp_min_(0);
