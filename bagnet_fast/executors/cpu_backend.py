@@ -37,8 +37,10 @@ def _cpu_flag(name: str) -> bool:
 
 def bf16_units_missing() -> "str | None":
     """None if this CPU has bf16 dot-product units (AVX512-BF16 or AMX) and oneDNN uses them, else
-    why the bf16 plan does not run here. Without those units oneDNN would convert bf16 to fp32
-    around fp32 kernels (AVX-512 without BF16) or refuse (AVX2): no faster than the fp32 plan."""
+    why the bf16 plan does not run here. Without those units oneDNN would emulate bf16 with
+    conversions around fp32 arithmetic (AVX-512 without BF16) or has no bf16 convolutions
+    (torch 2.14 on AVX2 raised "bf16 path needs avx_ne_convert or avx512bw"); the emulated case
+    was not measured, and is left to the torch backend with this reason."""
     units = [name for name, flag in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
              if _cpu_flag(flag)]
     if not units:
