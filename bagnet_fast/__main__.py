@@ -68,6 +68,9 @@ def _info(args) -> int:
     for device in devices:
         for name, entry in bagnet_fast.backends(device).items():
             print(f"  {device:5s} {name:7s} {'yes' if entry['available'] else 'no ':4s} {entry['reason']}")
+    # A bf16 model on a CPU: the cpu backend's bf16 plan needs bf16 units (AVX512-BF16 or AMX).
+    bf16 = bagnet_fast.backends("cpu", torch.bfloat16)["cpu"]
+    print(f"  cpu bfloat16 on the cpu backend: {'yes' if bf16['available'] else 'no, ' + bf16['reason']}")
     if args.weights:
         return _dead_branch_report(args)
     return 0

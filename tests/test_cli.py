@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import bagnet_fast
 
 HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +34,8 @@ def test_info_lists_backends():
     assert result.returncode == 0, result.stderr
     assert "extension: loaded" in result.stdout
     assert "cpu   cpu     yes" in result.stdout
+    ok, why = bagnet_fast.executors.available("cpu", "cpu", torch.bfloat16)
+    assert f"cpu bfloat16 on the cpu backend: {'yes' if ok else 'no, ' + why}" in result.stdout
 
 
 def test_bench_smoke(tmp_path):
