@@ -11,7 +11,6 @@ read on another. Writes ``bench.json`` and, when matplotlib is installed, ``benc
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import time
@@ -80,13 +79,12 @@ def _peer_implementations(model, shape, device, dtype, costs) -> Dict[str, dict]
         print("--peers: the peers run on CPUs in float32 or bfloat16 only; no peer rows")
         return {}
     precision = str(dtype).replace("torch.", "")
-    graph = model if dtype == torch.float32 else copy.deepcopy(model).float()
     impls = {}
-    for row in peers.peer_implementations(graph, shape, only_precision=precision):
+    for row in peers.peer_implementations(model, shape, only_precision=precision):
         if row["fn"] is None:
             print(f"--peers: {row['name']}: {row['note']}")
             continue
-        fn = row["fn"] if dtype == torch.float32 else (lambda x, fn=row["fn"]: fn(x.float()).to(dtype))
+        fn = row["fn"] if dtype == torch.float32 else (lambda x, fn=row["fn"]: fn(x).to(dtype))
         # pause_s: OpenVINO's and ONNX Runtime's idle worker threads spin for several hundred ms
         # after a call and slowed the next row's first calls to a third of their speed.
         impls[row["name"]] = {"fn": fn, "costs": costs, "precision": row["precision"], "pause_s": PEER_PAUSE_S,

@@ -10,6 +10,7 @@ without them no peer rows appear, with a note.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import tempfile
@@ -54,9 +55,13 @@ class _Reference(nn.Module):
 
 
 def export_onnx(model: nn.Module, shape, path: str) -> float:
-    """The reference graph of ``model`` for images of ``shape`` to ONNX at ``path``; seconds."""
+    """The reference graph of ``model`` for images of ``shape`` to ONNX at ``path``; seconds. The
+    graph is float32, as a user exports it: a bf16 model goes out as its float32 copy (OpenVINO's
+    bf16 hint converts it back)."""
     start = time.perf_counter()
-    example = torch.zeros(shape, dtype=model.conv2.weight.dtype)
+    if model.conv2.weight.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    example = torch.zeros(shape, dtype=torch.float32)
     # The reference graph's input checks read shapes as Python values: the tracer warns that they
     # become constants, which is what a per-shape export wants.
     with torch.no_grad(), warnings.catch_warnings():
@@ -122,7 +127,7 @@ def why_not(name: str) -> Optional[str]:
 
 def peer_runner(name: str, model: nn.Module, shape, threads: Optional[int] = None,
                 onnx_path: Optional[str] = None) -> dict:
-    """{"fn" (float32 NCHW tensor -> logits tensor), "precision", "setup_seconds", "note"} of the
+    """{"fn" (float NCHW tensor, read as float32 -> float32 logits tensor), "precision", "setup_seconds", "note"} of the
     peer ``name`` (a key of PEERS) on the reference graph of ``model`` for inputs of ``shape``.
     The ONNX file is exported to ``onnx_path`` unless it exists (then its export is not timed)."""
     problem = why_not(name)
@@ -148,7 +153,8 @@ def peer_runner(name: str, model: nn.Module, shape, threads: Optional[int] = Non
         run = _openvino(onnx_path, threads, "f32" if precision == "float32" else "bf16", hint)
         how = f"{hint}, {threads} threads"
     compile_seconds = time.perf_counter() - start
-    return {"fn": lambda x: torch.from_numpy(run(x.contiguous().numpy())), "precision": precision,
+    # The graph takes float32 images: bf16 ones (a bf16 bench's) are converted here.
+    return {"fn": lambda x: torch.from_numpy(run(x.float().contiguous().numpy())), "precision": precision,
             "setup_seconds": export_seconds + compile_seconds,
             "note": f"ONNX export {export_seconds:.1f} s, session/compile {compile_seconds:.1f} s, {how}"}
 

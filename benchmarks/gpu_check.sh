@@ -101,6 +101,7 @@ export -f env_info build
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bagnet_fast_triton_cache}" TRITON_CACHE_AUTOTUNING=1
 step env 10 "$OUT_DIR/env.txt" env_info
 WARM_PID=""
+CHECK_PID=""
 if [ "$DRY" = 1 ]; then
     echo "[gpu_check] build and warm-up: skipped (dry run)" | tee -a "$OUT_DIR/build.log"
 else
@@ -136,7 +137,7 @@ step tests "$TEST_LIMIT" "$OUT_DIR/tests.log" env BAGNET_FAST_AUTOTUNE=0 "$PY" -
 if [ -n "$WARM_PID" ]; then
     wait "$WARM_PID"; echo "[gpu_check] warm-up: rc=$? at $(elapsed) s" | tee -a "$OUT_DIR/build.log"
 fi
-if [ -n "$WARM_PID" ]; then
+if [ -n "$CHECK_PID" ]; then
     wait "$CHECK_PID"; tail -1 "$OUT_DIR/compile_check.log" | tee -a "$OUT_DIR/build.log"
 fi
 # One process per phase; gpu_check.py stops starting rows 10 s before its budget.

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     image = torch.randn(1, 3, args.size, args.size, device=device)
     target = 0
     dtype = getattr(torch, args.dtype)
-    fast = copy.deepcopy(model).to(dtype)
+    fast = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    picture = image.to(dtype)
     result = {
         "model": args.model, "size": args.size, "device": str(device), "dtype": args.dtype,
         "torch": torch.__version__, "bagnet_fast": bagnet_fast.__version__, "threads": torch.get_num_threads(),
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
     }
     with torch.inference_mode():
-        heatmap = dense_heatmap(fast, image.to(dtype), target)  # warm-up
-        times = measure(lambda: dense_heatmap(fast, image.to(dtype), target), device, 0, args.repeats)
+        heatmap = dense_heatmap(fast, picture, target)  # warm-up
+        times = measure(lambda: dense_heatmap(fast, picture, target), device, 0, args.repeats)
         result["dense_seconds"] = statistics.median(times)
         result["dense_times"] = times
         print(f"dense heatmap (shift-and-stitch, {args.dtype}): {result['dense_seconds']:.2f} s "
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
             result["dense_backend"] = bagnet_fast.get_plan(fast).backend.name
             print(f"  max |bf16 - fp32| / max |fp32| of the heatmap: {result['dense_max_rel_err_vs_float32']:.2e} "
                   f"({result['dense_backend']} backend)", flush=True)
-        inputs = {"reference": (model.reference_forward, image), "bagnet_fast": (fast, image.to(dtype))}
-        for name, (forward, picture) in inputs.items():
-            seconds, timed, total = per_patch_seconds(forward, picture, target, q, args.batch, args.sample_patches, device)
+        inputs = {"reference": (model.reference_forward, image), "bagnet_fast": (fast, picture)}
+        for name, (forward, images) in inputs.items():
+            seconds, timed, total = per_patch_seconds(forward, images, target, q, args.batch, args.sample_patches, device)
             scaled = seconds * total / timed
             result[f"per_patch_{name}"] = {
                 "seconds_timed": seconds, "patches_timed": timed, "patches_total": total,

@@ -105,7 +105,6 @@ def main() -> int:
     # Ours first: OpenVINO's worker threads keep spinning for a while after each request.
     ours = model.to(torch.bfloat16) if args.bf16 else model
     our_stages, our_total = ours_profile(ours, x.to(ours.conv1.weight.dtype), args.rounds)
-    model = model.float()  # the ONNX export: the float32 reference graph (OpenVINO converts to bf16 itself)
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "reference.onnx")
         peers.export_onnx(model, tuple(x.shape), path)

@@ -45,6 +45,15 @@ from test_dead_branches import dead_pattern_model  # noqa: E402
 PAUSE_S = 1.0  # between calls: OpenVINO's (TBB) and OpenMP workers spin for a while after their work
 
 
+def timed_call(fn, x, warm_calls: int) -> float:
+    """Seconds of one call of fn(x) after ``warm_calls`` untimed ones (--warm-calls)."""
+    for _ in range(warm_calls):
+        fn(x)
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
 def make_case(name: str, batch: int, size: int, weights: str = "random"):
     """weights "random": random convolutions, non-trivial BatchNorm statistics, no dead block;
     "dead-pattern": BagNet-33 with the official weights' five dead blocks and one near-dead
@@ -84,11 +93,7 @@ def worker(conn, implementation: str, name: str, batch: int, size: int, onnx_pat
             message = conn.recv()
             if message == "stop":
                 break
-            for _ in range(message):  # the turn's untimed calls (--warm-calls)
-                fn(x)
-            start = time.perf_counter()
-            fn(x)
-            conn.send(time.perf_counter() - start)
+            conn.send(timed_call(fn, x, message))
 
 
 def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0, weights="random"):
@@ -120,14 +125,6 @@ def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0, we
         ours["bagnet_fast bf16"] = (copy.deepcopy(model).to(torch.bfloat16), x.bfloat16())
     backends_ran = {}
 
-    def run_fast(implementation):
-        fast, images = ours[implementation]
-        for _ in range(warm_calls):
-            fast(images)
-        start = time.perf_counter()
-        fast(images)
-        return time.perf_counter() - start
-
     times = {implementation: [] for implementation in [*ours, *others]}
     with torch.inference_mode():
         for implementation, (fast, images) in ours.items():
@@ -138,7 +135,7 @@ def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0, we
             for implementation in times:
                 time.sleep(PAUSE_S)
                 if implementation in ours:
-                    times[implementation].append(run_fast(implementation))
+                    times[implementation].append(timed_call(*ours[implementation], warm_calls))
                 else:
                     conn = workers[implementation][0]
                     conn.send(warm_calls)

@@ -39,7 +39,7 @@ def test_bagnet(run_timed, make_model, images, settings, variant, dtype_and_impl
         name = next(n for n, short in peers.PEER_IDS.items() if implementation == f"peer-{short}")
         peer = peers.peer_runner(name, model, tuple(x.shape))
         costs = flops.reference_layer_costs(model, x.shape, x.dtype)
-        fn = peer["fn"] if x.dtype == torch.float32 else (lambda images: peer["fn"](images.float()))
+        fn = peer["fn"]
         extra.update(precision=peer["precision"], setup_seconds=peer["setup_seconds"], note=peer["note"])
     elif implementation.startswith("fast-"):
         model = make_model(variant, dtype)

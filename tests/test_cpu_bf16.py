@@ -56,6 +56,7 @@ def test_bf16_plan_runs_on_the_cpu_backend_within_twice_pytorchs_bf16_error(name
     agree_reference = int((reference.argmax(1) == target).sum())
     assert agree_fast >= agree_reference - 1, (agree_fast, agree_reference)
 
+
 def test_bf16_patch_logits_on_the_cpu_backend():
     """avg_pool=False (the per-patch logit maps of heatmaps and certified defences) in bf16."""
     model, oracle, _, reference, fast = _cases("bagnet17", avg_pool=False)
