@@ -3,7 +3,8 @@ removed from the inference plan, their constant folded into the neighbouring uni
 
 The official ImageNet BagNet-33 weights have such blocks (max |w| 8e-8…3.8e-7 in every conv of
 layer1.1–1.2 and layer2.1–2.3: docs/bagnet.md). In float32 they change nothing, in reduced
-precision they add noise, and they cost 4.4 GFLOP per 224² image.
+precision they add noise, and they cost 4.4 GFLOP per 224² image in the reference (4.2 on the
+217² corner a plan reads, see plan.InferencePlan.input_extent).
 
 The bound. A 1x1-only block computes relu(x + f(x)) with the folded branch
 f(x) = W3·relu(W2·relu(W1·x + b1) + b2) + b3. Its inputs follow a ReLU, so x ≥ 0. ReLU is
@@ -58,7 +59,7 @@ class DeadBranch:
     gain: float  # max over output channels of the bound's row sum
     tolerance: float  # what it was compared against
     eliminated: bool
-    flops_per_image_224: int  # what the block costs per 224x224 image (saved if eliminated)
+    flops_per_image_224: int  # what the block costs a plan per 224x224 image (saved if eliminated)
     constant: torch.Tensor = field(repr=False)  # (C,) float64: the branch at x = 0
 
     def as_dict(self) -> dict:
@@ -99,7 +100,7 @@ def dead_branches(model: nn.Module, tolerance: Optional[float] = None) -> List[D
     Non-finite weights are never eliminated (their branch is not a constant)."""
     if tolerance is None:
         tolerance = getattr(model, "dead_branch_tolerance", DEFAULT_TOLERANCE)
-    found, size = [], 224 - 2  # the merged stem's output at 224
+    found, size = [], _input_extent_224(model) - 2  # the merged stem's output on what a plan reads at 224
     for s in range(1, 5):
         for i, block in enumerate(getattr(model, f"layer{s}")):
             size = (size - block.conv2.kernel_size[0]) // block.conv2.stride[0] + 1
@@ -112,6 +113,17 @@ def dead_branches(model: nn.Module, tolerance: Optional[float] = None) -> List[D
             found.append(DeadBranch(f"layer{s}.{i}", gain, float(tolerance), finite and gain <= tolerance,
                                     flops, constant))
     return found
+
+
+def _input_extent_224(model: nn.Module) -> int:
+    """The side of a 224 image's corner the patch map depends on (plan.InferencePlan.input_extent,
+    from the modules: 217 for the shipped BagNets)."""
+    field, jump = 3, 1
+    for s in range(1, 5):
+        for block in getattr(model, f"layer{s}"):
+            field += (block.conv2.kernel_size[0] - 1) * jump
+            jump *= block.conv2.stride[0]
+    return (224 - field) // jump * jump + field if field <= 224 else 224
 
 
 def _add(bias: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

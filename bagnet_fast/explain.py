@@ -289,7 +289,8 @@ def _phase_logits(plan: InferencePlan, tile: torch.Tensor, classes) -> Tuple[tor
             step *= unit.stride
         return run(x)
 
-    logits = plan.patch_logits(tile, classes, hook=stack_phases)
+    # Not cropped to plan.input_extent: the shifted phases' patches reach the tile's last pixel.
+    logits = plan.patch_logits(tile, classes, hook=stack_phases, crop=False)
     return logits, offsets, step
 
 

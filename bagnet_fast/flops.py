@@ -177,6 +177,7 @@ def plan_unit_costs(
     dtype = dtype or plan.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     n, _, h, w = image_shape
+    h, w = plan.input_extent(h, w)  # what the plan reads (see InferencePlan.input_extent)
     costs = []
     for unit in plan.units:
         if unit.kind == "stem_conv_bias_relu":

@@ -221,7 +221,10 @@ def precision_report(model, images: torch.Tensor, labels: Optional[torch.Tensor]
                 row["correct"] += int((logits.argmax(1).cpu() == labels[start : start + batch_size].cpu()).sum())
             for name, (out, step) in units.items():
                 if name in exact_units:
-                    error = float(_errors(out, exact_units[name][0][..., ::step, ::step]).max())
+                    # The plan's maps are the top-left corners of the reference's (it runs on
+                    # plan.input_extent: the pixels past it reach no output).
+                    exact_map = exact_units[name][0][..., ::step, ::step][..., : out.shape[-2], : out.shape[-1]]
+                    error = float(_errors(out, exact_map).max())
                     row["units"][name] = max(row["units"].get(name, 0.0), error)
         seen += len(x)
     report = {"images": seen, "device": str(device), "skipped": skipped, "modes": []}

@@ -11,13 +11,15 @@ dtype without fast kernels on the device (float16 on most CPUs) cannot stall the
 
 from __future__ import annotations
 
+import math
 import platform
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "sync", "measure", "measure_peaks", "cpu_name", "device_name", "resolve_device"]
+__all__ = ["DTYPES", "sync", "measure", "measure_peaks", "cpu_name", "device_name", "resolve_device",
+           "median_interval", "paired_ratio"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,3 +146,32 @@ def resolve_device(name: Optional[str], option: str = "--device") -> torch.devic
     elif device.type != "cpu":
         raise SystemExit(f"{option} {name}: bagnet_fast runs on cpu or cuda devices")
     return device
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, object]:
+    """The median of ``values`` and a distribution-free confidence interval for it: the order
+    statistics (k, n + 1 - k) with the largest k whose two-sided binomial(n, 1/2) tail stays
+    within 1 - level (no assumption on the noise's shape; this VM's is skewed, slow outliers).
+    ``low``/``high`` are None when n is too small (n < 6 at 95 %); ``coverage`` is the exact one."""
+    ordered, n = sorted(values), len(values)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    k, tail = 0, 0.0
+    while True:  # tail = P(X <= k) for X ~ binomial(n, 1/2)
+        next_tail = tail + math.comb(n, k) / 2 ** n
+        if 2 * next_tail > 1 - level:
+            break
+        tail, k = next_tail, k + 1
+    if k == 0:
+        return {"median": median, "low": None, "high": None, "coverage": None, "n": n}
+    return {"median": median, "low": ordered[k - 1], "high": ordered[n - k], "coverage": 1 - 2 * tail, "n": n}
+
+
+def paired_ratio(baseline_seconds: Sequence[float], seconds: Sequence[float], level: float = 0.95) -> Dict[str, object]:
+    """Speed-up of an implementation timed at ``seconds`` over one timed at ``baseline_seconds``
+    in the same rounds: per round baseline / ours, then ``median_interval`` of those. Pairing by
+    round cancels the slow stretches both met (the machine's noise is mostly such stretches)."""
+    if len(baseline_seconds) != len(seconds):
+        raise ValueError(f"paired_ratio needs one time per round from each: {len(baseline_seconds)} vs {len(seconds)}")
+    return median_interval([b / s for b, s in zip(baseline_seconds, seconds)], level)

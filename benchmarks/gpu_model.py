@@ -147,7 +147,7 @@ def _conv_gemm(name, conv, n, h, w, itemsize, block_k, flat=False, residual_byte
 def predict(plan, batch: int = 256, image: int = 224, features: Features = NOW, itemsize: int = 2) -> List[UnitPrediction]:
     """Predicted cost of every unit of ``plan`` (geometry only: the weights may be on meta) and
     the head, for batch × 3 × image × image in a 16-bit dtype on the Triton backend."""
-    n, h, w = batch, image, image
+    n, (h, w) = batch, plan.input_extent(image, image)  # the corner the plan reads (217 at 224)
     units = []
     for unit in plan.units:
         pred = UnitPrediction(unit.name, unit.kind)

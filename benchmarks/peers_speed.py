@@ -1,7 +1,8 @@
 """bagnet_fast against what a CPU user would run instead: ONNX Runtime and OpenVINO on the
 exported reference graph (bagnet_fast.peers), BagNet-9/17/33, same input, alternating call by call
 over several rounds (the 2-core machine is noisy: a slow stretch hits every implementation
-alike), the median per implementation. Random weights with non-trivial BatchNorm statistics
+alike), the median per implementation, and per pair the median of the per-round ratios with a
+distribution-free 95 % interval (bagnet_fast.timing.paired_ratio). Random weights with non-trivial BatchNorm statistics
 (tests/conftest.py: randomize_batchnorm), so no block is dead.
 
 The reference and each peer run in a worker process of their own, driven call by call from the
@@ -157,12 +158,14 @@ def measure_case(name, batch, size, rounds, folder, bf16=False, warm_calls=0, we
             rows[impl]["backend"] = backends_ran[impl]
     fast = rows["bagnet_fast"]["images_per_second"]
     ratios = {f"fast / {impl}": fast / row["images_per_second"] for impl, row in rows.items() if impl not in ours}
+    paired = {f"fast / {impl}": timing.paired_ratio(times[impl], times["bagnet_fast"]) for impl in others}
     if bf16:
         fast16 = rows["bagnet_fast bf16"]["images_per_second"]
-        ratios.update({f"fast bf16 / {impl}": fast16 / rows[impl]["images_per_second"]
-                       for impl in ("reference eager bf16 NCHW", "openvino bf16 (reference graph)", "bagnet_fast")
-                       if impl in rows})
-    return {"model": name, "batch": batch, "size": size, "rows": rows, "ratios": ratios}
+        theirs = [impl for impl in ("reference eager bf16 NCHW", "openvino bf16 (reference graph)", "bagnet_fast") if impl in rows]
+        ratios.update({f"fast bf16 / {impl}": fast16 / rows[impl]["images_per_second"] for impl in theirs})
+        paired.update({f"fast bf16 / {impl}": timing.paired_ratio(times[impl], times["bagnet_fast bf16"]) for impl in theirs})
+    # ratios: of the medians; paired_ratios: the median of per-round ratios with its 95 % interval
+    return {"model": name, "batch": batch, "size": size, "rows": rows, "ratios": ratios, "paired_ratios": paired}
 
 
 def main() -> int:
@@ -197,8 +200,12 @@ def main() -> int:
                 case = measure_case(name, batch, args.size, args.rounds, folder, args.bf16, args.warm_calls, args.weights)
                 result["cases"].append(case)
                 rates = ", ".join(f"{impl} {row['images_per_second']:.2f}" for impl, row in case["rows"].items())
-                ratios = ", ".join(f"{k} {v:.2f}x" for k, v in case["ratios"].items())
-                print(f"{name} b{batch}: {rates} img/s | {ratios}", flush=True)
+                print(f"{name} b{batch}: {rates} img/s", flush=True)
+                for key, ratio in case["ratios"].items():
+                    pair = case["paired_ratios"][key]
+                    interval = (f"[{pair['low']:.2f}, {pair['high']:.2f}]" if pair["low"] is not None
+                                else "(too few rounds for a 95 % interval)")
+                    print(f"  {key}: {ratio:.2f}x of medians; per round {pair['median']:.2f}x {interval}", flush=True)
                 out.write_text(json.dumps(result, indent=1))  # after every case: nothing lost on a crash
     finally:
         for path in Path(folder).glob("*.onnx"):

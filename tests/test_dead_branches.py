@@ -183,7 +183,8 @@ def test_explanations_and_flops_count_what_runs(dead_model):
     full = flops.total(flops.plan_unit_costs(bagnet_fast.get_plan(kept), (1, 3, 224, 224)))[0]
     fast = flops.total(flops.plan_unit_costs(bagnet_fast.get_plan(dead_model), (1, 3, 224, 224)))[0]
     saved = sum(d.flops_per_image_224 for d in bagnet_fast.get_plan(dead_model).eliminated)
-    assert full - fast == saved and 4.2e9 < saved < 4.6e9  # "the first five dead blocks are 4.4 GFLOP"
+    # The five dead blocks: 4.4 GFLOP on the reference's 224 maps, 4.17 on the 217² corner a plan reads.
+    assert full - fast == saved and 4.1e9 < saved < 4.3e9
 
 
 def test_a_model_without_dead_branches_is_untouched():

@@ -107,8 +107,10 @@ def test_plan_matches_flop_counter(name):
 def test_plan_units_hand_computed(models):
     plan = bagnet_fast.build_plan(models["bagnet33"], "torch")
     costs = _by_name(flops.plan_unit_costs(plan, IMAGE_224))
+    # The plan reads the 217x217 corner its 24x24 patches depend on ((24 - 1) * 8 + 33).
+    assert costs["stem"].input_shape == (1, 3, 217, 217)
     # Merged stem: one 3x3 conv 3->64 (the 1x1 3->64 and 3x3 64->64 of the reference in one).
-    assert costs["stem"].flops == 2 * 222 * 222 * 64 * 3 * 9
+    assert costs["stem"].flops == 2 * 215 * 215 * 64 * 3 * 9
     # layer4.1: fused 1x1 block 2048->512->512->2048 at 24x24; reads and writes x once.
     assert costs["layer4.1"].kind == "pointwise_bottleneck"
     assert costs["layer4.1"].flops == 2 * 24 * 24 * (2048 * 512 + 512 * 512 + 512 * 2048)

@@ -55,6 +55,47 @@ def test_output_geometry(name, models):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+def test_input_extent_is_the_smallest_corner_with_the_same_map(name, models):
+    plan = bagnet_fast.build_plan(models[name], "torch")
+    q = PATCH_SIZES[name]
+    for size in range(q, 301):
+        rows, cols = plan.input_extent(size, q + 11)
+        out = (size - q) // 8 + 1
+        assert (rows, cols) == ((out - 1) * 8 + q, q + 8)
+        assert plan.output_size(rows, cols) == plan.output_size(size, q + 11) == (out, 2)
+        assert plan.output_size(rows - 1, cols - 1) == (out - 1, 1)  # one pixel less loses a patch
+    assert plan.input_extent(224, 224) == (217, 217)
+    assert plan.input_extent(q - 1, 40) == (q - 1, 40)  # smaller than a patch: left as it is
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_reference_ignores_pixels_outside_the_input_extent(name, models):
+    """The premise of the crop, checked on the reference itself (float64, so that each patch
+    logit is the same sum whatever the pixels it does not read)."""
+    model = copy.deepcopy(models[name]).double()
+    model.avg_pool = False
+    plan = bagnet_fast.build_plan(models[name], "torch")
+    height, width = (224, 235) if name == "bagnet33" else (PATCH_SIZES[name] + 21, 64)
+    rows, cols = plan.input_extent(height, width)
+    assert rows < height and cols < width
+    x = torch.randn(1, 3, height, width, dtype=torch.float64)
+    outside, edge = x.clone(), x.clone()
+    outside[..., rows:, :] = torch.randn_like(outside[..., rows:, :])
+    outside[..., :, cols:] = torch.randn_like(outside[..., :, cols:])
+    edge[..., rows - 1, :cols] += 1.0  # the last row inside: some patch reads it
+    with torch.no_grad():
+        expected, moved, changed = (model.reference_forward(t) for t in (x, outside, edge))
+    assert torch.equal(moved, expected)
+    assert not torch.allclose(changed[:, -1], expected[:, -1])
+    with torch.no_grad():  # and the plan, on the corner only, gives the reference's numbers
+        stem_inputs = []
+        hook = lambda unit, run, t: (stem_inputs.append(t.shape), run(t))[1]  # noqa: E731
+        fast = bagnet_fast.build_plan(models[name]).patch_logits(x.float(), hook=hook)
+    assert stem_inputs[0] == (1, 3, rows, cols)
+    assert rel_err(fast, expected) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fast_forward_matches_reference(name, batch, models):
     model = models[name]
@@ -255,10 +296,15 @@ def test_bagnet9_strides_moved_up_exactly():
         if unit in plan.blocks:
             step = unit.subsample
             expected = seen[unit.name][..., ::step, ::step]
-            assert out.shape == expected.shape and rel_err(out, expected) <= FP32_RTOL, unit.name
+            # The plan runs on plan.input_extent, so its maps are the top-left corners of the
+            # reference's (58 x 63 -> 57 x 57: layer1 is 27 x 27 of the reference's 27 x 30).
+            rows, cols = out.shape[-2:]
+            assert rows <= expected.shape[-2] and cols <= expected.shape[-1], unit.name
+            assert rel_err(out, expected[..., :rows, :cols]) <= FP32_RTOL, unit.name
             compared.append(unit.name)
         return out
 
     with torch.no_grad():
-        plan.run(x, hook=compare)
+        features = plan.walk(x, hook=compare)
     assert len(compared) == len(plan.blocks) == 16
+    assert features.shape == seen["layer4.2"].shape  # the last map is the reference's, whole
