@@ -118,11 +118,9 @@ def dead_branches(model: nn.Module, tolerance: Optional[float] = None) -> List[D
 def _input_extent_224(model: nn.Module) -> int:
     """The side of a 224 image's corner the patch map depends on (plan.InferencePlan.input_extent,
     from the modules: 217 for the shipped BagNets)."""
-    field, jump = 3, 1
-    for s in range(1, 5):
-        for block in getattr(model, f"layer{s}"):
-            field += (block.conv2.kernel_size[0] - 1) * jump
-            jump *= block.conv2.stride[0]
+    from .plan import patch_geometry  # plan imports this module
+
+    field, jump = patch_geometry(model)
     return (224 - field) // jump * jump + field if field <= 224 else 224
 
 

@@ -335,15 +335,21 @@ def _torch_backend() -> "_backends.Backend":
 # --------------------------------------------------------------------------- input checks
 
 
-def receptive_field(model: nn.Module) -> int:
-    """Patch size q of a BagNet-architecture model (stem 3x3, then each block's conv2)."""
+def patch_geometry(model: nn.Module) -> Tuple[int, int]:
+    """(patch size q, output stride) of a BagNet-architecture model (stem 3x3, then each block's
+    conv2): (33, 8) for BagNet-33."""
     size, jump = 3, 1
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         for block in stage:
             kernel, stride = block.conv2.kernel_size[0], block.conv2.stride[0]
             size += (kernel - 1) * jump
             jump *= stride
-    return size
+    return size, jump
+
+
+def receptive_field(model: nn.Module) -> int:
+    """Patch size q of a BagNet-architecture model."""
+    return patch_geometry(model)[0]
 
 
 def check_input(x: torch.Tensor, patch_size: int) -> None:

@@ -2,8 +2,8 @@
 exported reference graph (bagnet_fast.peers), BagNet-9/17/33, same input, alternating call by call
 over several rounds (the 2-core machine is noisy: a slow stretch hits every implementation
 alike), the median per implementation, and per pair the median of the per-round ratios with a
-distribution-free 95 % interval (bagnet_fast.timing.paired_ratio). Random weights with non-trivial BatchNorm statistics
-(tests/conftest.py: randomize_batchnorm), so no block is dead.
+distribution-free 95 % interval (bagnet_fast.timing.paired_ratio). Random weights with
+non-trivial BatchNorm statistics (tests/conftest.py: randomize_batchnorm), so no block is dead.
 
 The reference and each peer run in a worker process of their own, driven call by call from the
 main process, which runs bagnet_fast: each implementation runs as a user would run it alone. One
